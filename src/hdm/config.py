@@ -1,0 +1,135 @@
+"""Configuration: one dataclass per concern, serialised with the checkpoint as plain dicts."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class SpaceConfig:
+    """Where the diffusion runs: the frozen encoder and the image size it sees."""
+
+    kind: str = "feature"
+    backbone: str = "lite0"  # lite0 | lite1 | lite2
+    image_size: int = 256
+    # 3x3 local averaging of the features, as in patch-based detectors: each z cell then
+    # describes its neighbourhood, which makes small defects visible to a 1x1 head.
+    local_pool: int = 3
+
+
+@dataclass
+class DiffusionConfig:
+    """The Gaussian diffusion on z (Improved-DDPM style, learned variance)."""
+
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    width: int = 96  # denoiser width
+    depth: int = 3  # residual blocks in the denoiser
+
+
+@dataclass
+class DAGMConfig:
+    """Diffusion Anomaly Generation Module."""
+
+    p_anomaly: float = 0.5  # fraction of each batch made anomalous
+    tau: float = 1.0  # initial variance inflation; POM adapts it
+    t_a: int = 400  # how far z_0 is noised before the anomalous reverse run
+    reverse_steps: int = 4  # strided reverse steps from t_a to 0
+    p_diffusion_max: float = 0.5  # share of diffusion-made content once the denoiser has learned
+    warmup_fraction: float = 0.3  # the share ramps up over this fraction of training
+    opacity: tuple[float, float] = (0.5, 1.0)
+    perlin_threshold: float = 0.5
+    appearance_per_image: int = 2  # pixel-space anomalies encoded per training image
+
+
+@dataclass
+class DDMConfig:
+    """Diffusion Discriminative Module."""
+
+    mode: str = "one_step"  # one_step | norm_guided | k_step
+    t_s: int = 150  # noise level the input is diffused to before denoising
+    k_steps: int = 3
+    head_width: int = 64
+    smooth_sigma: float = 4.0  # Gaussian smoothing of the map, in pixels at model size
+    top_k: float = 0.01  # image score = mean of the top fraction of map values (0 = max)
+
+
+@dataclass
+class POMConfig:
+    """Probability Optimization Module: losses and synthetic-sample control."""
+
+    lambda_vlb: float = 0.001
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.75
+    lambda_l1: float = 1.0
+    lambda_image: float = 0.5
+    # Band for the mean squared masked change of a synthetic sample (z is unit-variance).
+    change_low: float = 0.25
+    change_high: float = 6.0
+    tau_min: float = 0.0
+    tau_max: float = 8.0
+    tau_rate: float = 0.05
+    filtering: bool = True
+    adapt_tau: bool = True
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1500
+    batch_size: int = 16
+    lr: float = 1e-3
+    ema_decay: float = 0.995
+    seed: int = 0
+    augment_flip: bool = True
+
+
+@dataclass
+class HDMConfig:
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    dagm: DAGMConfig = field(default_factory=DAGMConfig)
+    ddm: DDMConfig = field(default_factory=DDMConfig)
+    pom: POMConfig = field(default_factory=POMConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "HDMConfig":
+        parts = {}
+        for f in dataclasses.fields(cls):
+            sub_cls = f.default_factory  # type: ignore[misc]
+            sub = dict(data.get(f.name, {}))
+            known = {g.name for g in dataclasses.fields(sub_cls)}
+            unknown = set(sub) - known
+            if unknown:
+                raise ValueError(f"unknown {f.name} settings: {', '.join(sorted(unknown))}")
+            for g in dataclasses.fields(sub_cls):
+                if g.name in sub and isinstance(sub[g.name], list):
+                    sub[g.name] = tuple(sub[g.name])
+            parts[f.name] = sub_cls(**sub)
+        return cls(**parts)
+
+    def validate(self) -> None:
+        """Stop before any work on values that cannot run."""
+        checks = [
+            (self.space.backbone in ("lite0", "lite1", "lite2"), "space.backbone must be lite0, lite1 or lite2"),
+            (self.space.image_size >= 64 and self.space.image_size % 32 == 0,
+             "space.image_size must be a multiple of 32, at least 64"),
+            (self.ddm.mode in ("one_step", "norm_guided", "k_step"),
+             "ddm.mode must be one_step, norm_guided or k_step"),
+            (0 < self.ddm.t_s < self.diffusion.timesteps, "ddm.t_s must lie inside (0, timesteps)"),
+            (0 < self.dagm.t_a < self.diffusion.timesteps, "dagm.t_a must lie inside (0, timesteps)"),
+            (0.0 <= self.dagm.p_anomaly <= 1.0, "dagm.p_anomaly must lie in [0, 1]"),
+            (self.dagm.tau >= 0.0, "dagm.tau must be >= 0"),
+            (0.0 <= self.ddm.top_k < 1.0, "ddm.top_k must lie in [0, 1)"),
+            (self.train.steps > 0 and self.train.batch_size > 0, "train.steps and train.batch_size must be > 0"),
+            (self.pom.change_low < self.pom.change_high, "pom.change_low must be below pom.change_high"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)

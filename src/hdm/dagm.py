@@ -1,0 +1,159 @@
+"""DAGM, the Diffusion Anomaly Generation Module.
+
+Anomalous training samples with masks, made from normal z_0 only:
+- masks: thresholded Perlin noise at random scale and rotation;
+- content (a): reverse diffusion from z_{t_a} with the EMA denoiser and variance (1 + tau) Sigma_theta,
+  which pushes the sample off the normal manifold;
+- content (b): appearance anomalies made in pixel space (another image's shuffled patches, a foreign
+  texture, an intensity shift) and encoded; the share of (a) grows as the denoiser learns;
+- composite inside the mask with random opacity; about half of each batch stays normal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from skimage import data as skdata
+
+from .config import DAGMConfig
+from .denoiser import Denoiser
+from .diffusion import GaussianDiffusion, strided_timesteps
+from .perlin import perlin_2d, perlin_mask
+
+_FOREIGN_TEXTURES = ("brick", "grass", "gravel", "moon", "camera")
+
+
+def foreign_textures(size: int) -> list[np.ndarray]:
+    """Grayscale textures shipped with scikit-image, as size x size x 3 uint8 tiles."""
+    tiles = []
+    for name in _FOREIGN_TEXTURES:
+        image = getattr(skdata, name)()
+        tile = np.asarray(torch.nn.functional.interpolate(
+            torch.from_numpy(image).float()[None, None], size=(size, size), mode="area")[0, 0])
+        tiles.append(np.repeat(tile.astype(np.uint8)[..., None], 3, axis=2))
+    return tiles
+
+
+def shuffled_patches(image: np.ndarray, rng: np.random.Generator, grid: int = 8) -> np.ndarray:
+    """The image cut into grid x grid patches, randomly permuted and rotated: same colours, wrong structure."""
+    size = image.shape[0]
+    cell = size // grid
+    patches = [image[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] for r in range(grid) for c in range(grid)]
+    order = rng.permutation(len(patches))
+    out = image.copy()
+    for index, source in enumerate(order):
+        r, c = divmod(index, grid)
+        out[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = np.rot90(patches[source], int(rng.integers(4)))
+    return out
+
+
+def appearance_content(image: np.ndarray, other: np.ndarray, textures: list[np.ndarray],
+                       rng: np.random.Generator) -> np.ndarray:
+    """Pixel-space anomalous content for `image` (uint8 HxWx3), drawn from one of three families."""
+    kind = int(rng.integers(3))
+    if kind == 0:
+        content = shuffled_patches(other, rng, grid=int(rng.choice([4, 8, 16])))
+    elif kind == 1:
+        texture = textures[int(rng.integers(len(textures)))].astype(np.float32)
+        tint = rng.uniform(0.4, 1.2, size=3)
+        content = np.clip(texture * tint, 0, 255)
+    else:
+        # Coloured Perlin blotches: stains, corrosion, discolouration.
+        size = image.shape[0]
+        field = perlin_2d((size, size), (int(rng.integers(2, 16)),) * 2, rng)
+        colour = rng.uniform(0, 255, size=3)
+        content = np.clip(image.astype(np.float32) * (1 - np.abs(field[..., None])) + colour * np.abs(field[..., None]), 0, 255)
+    return np.asarray(content, dtype=np.uint8)
+
+
+def appearance_anomaly(image: np.ndarray, other: np.ndarray, textures: list[np.ndarray],
+                       rng: np.random.Generator, config: DAGMConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(anomalous image, boolean pixel mask) with the content blended in at a random opacity."""
+    mask = perlin_mask(image.shape[0], rng, threshold=config.perlin_threshold)
+    content = appearance_content(image, other, textures, rng).astype(np.float32)
+    opacity = rng.uniform(*config.opacity)
+    weight = (mask.astype(np.float32) * opacity)[..., None]
+    out = image.astype(np.float32) * (1 - weight) + content * weight
+    return np.clip(out, 0, 255).astype(np.uint8), mask
+
+
+def grid_mask(mask: np.ndarray | torch.Tensor, grid: int) -> torch.Tensor:
+    """Pixel mask -> soft 1 x grid x grid mask: the covered fraction of each z cell."""
+    m = torch.as_tensor(np.asarray(mask), dtype=torch.float32)[None, None]
+    return F.adaptive_avg_pool2d(m, grid)[0]
+
+
+@dataclass
+class SyntheticBatch:
+    z: torch.Tensor  # B x C x g x g, anomalous where label is 1
+    mask: torch.Tensor  # B x 1 x g x g soft target
+    label: torch.Tensor  # B
+    source: torch.Tensor  # B: 0 normal, 1 diffusion content, 2 appearance content
+
+
+class DAGM:
+    """Builds mixed normal/anomalous batches in z space."""
+
+    def __init__(self, config: DAGMConfig, diffusion: GaussianDiffusion, grid: int):
+        self.config = config
+        self.grid = grid
+        self.tau = config.tau
+        steps = strided_timesteps(config.t_a, config.reverse_steps)
+        self.reverse = diffusion.respaced(steps)
+
+    def diffusion_share(self, progress: float) -> float:
+        """Share of diffusion-made content: zero while the denoiser is young, then p_diffusion_max."""
+        warm = self.config.warmup_fraction
+        if warm <= 0:
+            return self.config.p_diffusion_max
+        return self.config.p_diffusion_max * min(1.0, max(0.0, (progress - warm / 2) / (warm / 2)))
+
+    @torch.no_grad()
+    def diffusion_content(self, z0: torch.Tensor, denoiser: Denoiser, generator: torch.Generator) -> torch.Tensor:
+        """Noise z_0 to t_a, then reverse with variance (1 + tau) Sigma_theta down to z_0'."""
+        process = self.reverse
+        last = process.num_timesteps - 1
+        t = torch.full((z0.shape[0],), last, dtype=torch.long)
+        z = process.q_sample(z0, t, torch.randn(z0.shape, generator=generator))
+        for index in range(last, -1, -1):
+            t = torch.full((z0.shape[0],), index, dtype=torch.long)
+            eps, v = denoiser(z, process.timestep_map[t])
+            z = process.p_sample(eps, v, z, t, torch.randn(z0.shape, generator=generator), tau=self.tau)
+        return z
+
+    def perlin_grid_masks(self, count: int, rng: np.random.Generator) -> torch.Tensor:
+        # Drawn at 4x the grid so the soft cell coverage has some resolution.
+        return torch.stack([grid_mask(perlin_mask(self.grid * 4, rng, self.config.perlin_threshold), self.grid)
+                            for _ in range(count)])
+
+    def make_batch(self, z0: torch.Tensor, appearance_z: torch.Tensor, appearance_mask: torch.Tensor,
+                   denoiser: Denoiser, progress: float, rng: np.random.Generator,
+                   generator: torch.Generator) -> SyntheticBatch:
+        """z0: B normal samples; appearance_*: B pre-encoded appearance anomalies paired with them."""
+        batch = z0.shape[0]
+        anomalous = torch.from_numpy(rng.random(batch) < self.config.p_anomaly)
+        use_diffusion = anomalous & torch.from_numpy(rng.random(batch) < self.diffusion_share(progress))
+        use_appearance = anomalous & ~use_diffusion
+        z = z0.clone()
+        mask = torch.zeros(batch, 1, self.grid, self.grid)
+        source = torch.zeros(batch, dtype=torch.long)
+        opacity = torch.from_numpy(rng.uniform(*self.config.opacity, size=batch)).float().view(-1, 1, 1, 1)
+        if use_diffusion.any():
+            index = use_diffusion.nonzero().flatten()
+            content = self.diffusion_content(z0[index], denoiser, generator)
+            m = self.perlin_grid_masks(len(index), rng)
+            z[index] = z0[index] + opacity[index] * m * (content - z0[index])
+            mask[index] = m
+            source[index] = 1
+        if use_appearance.any():
+            index = use_appearance.nonzero().flatten()
+            m = appearance_mask[index]
+            # Opacity was applied in pixel space; the encoder's receptive field is kept whole here.
+            z[index] = z0[index] + (m > 0).float() * (appearance_z[index] - z0[index])
+            mask[index] = m
+            source[index] = 2
+        label = (mask.flatten(1).amax(1) > 0).float()
+        return SyntheticBatch(z, mask, label, source)

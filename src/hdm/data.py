@@ -1,0 +1,170 @@
+"""Data contracts: reading images and masks, and finding samples in the layouts users have."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
+
+
+class HDMInputError(Exception):
+    """Bad input from the user: the message is one line that names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int  # 0 normal, 1 defective
+    mask_path: Path | None = None
+    defect_type: str = "good"
+
+
+def is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Every image below `folder`, sorted, following no symlinked folders twice."""
+    if not folder.is_dir():
+        raise HDMInputError(f"{folder}: not a folder")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        found.extend(Path(dirpath) / name for name in sorted(filenames) if is_image(Path(dirpath) / name))
+    return found
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array
+    array = array.astype(np.float64)
+    if array.max(initial=0) <= 1.0 and array.dtype.kind == "f":
+        return np.clip(array * 255.0, 0, 255).astype(np.uint8)
+    high = 65535.0 if array.max(initial=0) > 255 else 255.0
+    return np.clip(array / high * 255.0, 0, 255).astype(np.uint8)
+
+
+def load_image(path: Path) -> np.ndarray:
+    """Decode any common image into an HxWx3 uint8 RGB array (EXIF orientation applied)."""
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                gray = _to_uint8(np.asarray(img))
+                array = np.repeat(gray[..., None], 3, axis=2)
+            else:
+                if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                    img = img.convert("RGBA").convert("RGB")
+                array = np.asarray(img.convert("RGB"))
+    except FileNotFoundError:
+        raise HDMInputError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise HDMInputError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc})") from None
+    if array.shape[0] < 8 or array.shape[1] < 8:
+        raise HDMInputError(f"{path}: image is {array.shape[1]}x{array.shape[0]}, too small (at least 8x8)")
+    return np.ascontiguousarray(array)
+
+
+def load_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """Read a ground-truth mask as a boolean HxW array matching the image shape."""
+    try:
+        with Image.open(path) as img:
+            array = np.asarray(img.convert("L"))
+    except FileNotFoundError:
+        raise HDMInputError(f"{path}: mask file not found") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise HDMInputError(f"{path}: mask is not a readable image ({exc.__class__.__name__})") from None
+    if array.shape != shape:
+        resized = Image.fromarray(array).resize((shape[1], shape[0]), Image.NEAREST)
+        array = np.asarray(resized)
+    return array > 127
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """HxWx3 uint8 -> size x size x 3 uint8, bilinear with antialiasing."""
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    if mask.shape == (size, size):
+        return mask
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 127
+
+
+def mvtec_samples(root: Path, category: str, split: str) -> list[Sample]:
+    """Samples of one category in the MVTec AD layout: `train/good`, `test/<type>`, `ground_truth/<type>`."""
+    base = root / category
+    if not base.is_dir():
+        raise HDMInputError(f"{base}: category folder not found")
+    split_dir = base / split
+    if not split_dir.is_dir():
+        raise HDMInputError(f"{split_dir}: no '{split}' split in this dataset")
+    samples = []
+    for type_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+        normal = type_dir.name in ("good", "ok")
+        for image_path in list_images(type_dir):
+            if normal:
+                samples.append(Sample(image_path, 0))
+                continue
+            mask_path = base / "ground_truth" / type_dir.name / f"{image_path.stem}_mask.png"
+            if not mask_path.is_file():
+                raise HDMInputError(f"{image_path}: defect image has no mask (expected {mask_path})")
+            samples.append(Sample(image_path, 1, mask_path, type_dir.name))
+    if not samples:
+        raise HDMInputError(f"{split_dir}: no images found")
+    return samples
+
+
+def normal_samples(data: Path, category: str | None) -> list[Sample]:
+    """Training samples: `train/good` of an MVTec-layout category, or every image of a plain folder."""
+    if category is not None:
+        samples = [s for s in mvtec_samples(data, category, "train") if s.label == 0]
+    else:
+        samples = [Sample(p, 0) for p in list_images(data)]
+    if not samples:
+        raise HDMInputError(f"{data}: no normal training images found")
+    return samples
+
+
+def load_images_resized(paths: Iterable[Path], size: int, workers: int = 2) -> np.ndarray:
+    """Decode and resize many images into an N x size x size x 3 uint8 array."""
+    with ThreadPoolExecutor(workers) as pool:
+        images = list(pool.map(lambda p: resize_image(load_image(p), size), paths))
+    return np.stack(images)
+
+
+def iter_batches(samples: list[Sample], size: int, batch_size: int) -> Iterator[tuple[list[Sample], np.ndarray, list[tuple[int, int]], list[str | None]]]:
+    """Yield (samples, resized uint8 batch, original shapes, error per sample) with decoding one batch ahead.
+
+    A sample that cannot be read gets a zero image and its error message, so one bad file never
+    stops a folder of good ones.
+    """
+
+    def decode(sample: Sample) -> tuple[np.ndarray, tuple[int, int], str | None]:
+        try:
+            image = load_image(sample.path)
+        except HDMInputError as exc:
+            return np.zeros((size, size, 3), np.uint8), (size, size), str(exc)
+        return resize_image(image, size), image.shape[:2], None
+
+    def decode_batch(chunk: list[Sample]):
+        return [decode(s) for s in chunk]
+
+    chunks = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(decode_batch, chunks[0]) if chunks else None
+        for index, chunk in enumerate(chunks):
+            decoded = pending.result()
+            if index + 1 < len(chunks):
+                pending = pool.submit(decode_batch, chunks[index + 1])
+            images = np.stack([d[0] for d in decoded])
+            yield chunk, images, [d[1] for d in decoded], [d[2] for d in decoded]

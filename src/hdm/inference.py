@@ -1,0 +1,53 @@
+"""Batched inference over samples, with decoding overlapped and memory bounded by the batch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .data import Sample, iter_batches, load_mask, resize_mask
+from .metrics import compute_metrics
+from .model import HDM, to_model_input
+
+
+@dataclass
+class Prediction:
+    sample: Sample
+    map: np.ndarray  # S x S float32 at model size
+    score: float
+    shape: tuple[int, int]  # the image's own (H, W)
+    error: str | None = None
+
+
+def predict_samples(model: HDM, samples: list[Sample], batch_size: int = 16, progress: bool = True,
+                    desc: str = "predict") -> Iterator[Prediction]:
+    model.eval()
+    with torch.inference_mode(), tqdm(total=len(samples), desc=desc, disable=not progress, leave=False) as bar:
+        for chunk, images, shapes, errors in iter_batches(samples, model.image_size, batch_size):
+            maps, scores = model(to_model_input(images))
+            for i, sample in enumerate(chunk):
+                yield Prediction(sample, maps[i, 0].numpy(), float(scores[i]), shapes[i], errors[i])
+            bar.update(len(chunk))
+
+
+def evaluate(model: HDM, samples: list[Sample], batch_size: int = 16, progress: bool = True) -> tuple[dict[str, float], list[Prediction]]:
+    """Metrics on a labelled test set, at model size against nearest-resized masks."""
+    size = model.image_size
+    predictions, maps, masks = [], [], []
+    for prediction in predict_samples(model, samples, batch_size, progress, desc="test"):
+        if prediction.error:
+            from .data import HDMInputError
+
+            raise HDMInputError(prediction.error)
+        sample = prediction.sample
+        mask = (load_mask(sample.mask_path, prediction.shape) if sample.mask_path else np.zeros(prediction.shape, bool))
+        masks.append(resize_mask(mask, size))
+        maps.append(prediction.map)
+        predictions.append(prediction)
+    labels = np.array([p.sample.label for p in predictions])
+    scores = np.array([p.score for p in predictions])
+    return compute_metrics(labels, scores, np.stack(masks), np.stack(maps)), predictions

@@ -1,0 +1,72 @@
+"""Evaluation metrics: image and pixel AUROC, pixel AUPRO (FPR <= 0.3), pixel AP, F1-max."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "pixel_aupro", "pixel_ap", "image_f1max", "pixel_f1max")
+
+
+def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Best F1 over all thresholds."""
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    f1 = 2 * precision * recall / np.clip(precision + recall, 1e-12, None)
+    return float(f1.max())
+
+
+def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3, bins: int = 1000) -> float:
+    """Area under the per-region-overlap curve up to `fpr_limit`, normalised to [0, 1].
+
+    masks: N x H x W bool; maps: N x H x W float. Each connected component of every ground-truth
+    mask is one region; PRO at a threshold is the mean over regions of the fraction of the region
+    above it, and FPR is measured on all normal pixels. Thresholds are `bins` quantiles of the
+    scores, plus exact interpolation at the FPR limit.
+    """
+    masks = masks.astype(bool)
+    if not masks.any() or masks.all():
+        raise ValueError("AUPRO needs both defective and normal pixels")
+    edges = np.unique(np.quantile(maps, np.linspace(0, 1, bins + 1)))
+    # bin index b means score in [edges[b], edges[b+1]); thresholds are the edges.
+    level = np.clip(np.searchsorted(edges, maps, side="right") - 1, 0, len(edges) - 1)
+    n_levels = len(edges)
+
+    normal_counts = np.bincount(level[~masks], minlength=n_levels)
+    # Pixels scoring >= edges[i] sit in levels i.. : reversed cumulative sums.
+    fpr = np.cumsum(normal_counts[::-1])[::-1] / max(1, normal_counts.sum())
+
+    region_pro = []
+    for mask, lv in zip(masks, level):
+        labelled, count = ndimage.label(mask)
+        if count == 0:
+            continue
+        counts = np.bincount(labelled[mask] * n_levels + lv[mask], minlength=(count + 1) * n_levels)
+        counts = counts.reshape(count + 1, n_levels)[1:]
+        region_pro.append(np.cumsum(counts[:, ::-1], axis=1)[:, ::-1] / counts.sum(1, keepdims=True))
+    pro = np.concatenate(region_pro).mean(0)
+
+    # Walk from high thresholds (low FPR) to low ones; start the curve at (0, 0).
+    fpr, pro = np.concatenate([[0.0], fpr[::-1]]), np.concatenate([[0.0], pro[::-1]])
+    keep = fpr <= fpr_limit
+    x, y = fpr[keep], pro[keep]
+    if x[-1] < fpr_limit and keep.sum() < len(fpr):
+        nxt = keep.sum()
+        y_end = np.interp(fpr_limit, [fpr[nxt - 1], fpr[nxt]], [pro[nxt - 1], pro[nxt]])
+        x, y = np.append(x, fpr_limit), np.append(y, y_end)
+    return float(np.trapezoid(y, x) / fpr_limit)
+
+
+def compute_metrics(image_labels: np.ndarray, image_scores: np.ndarray, masks: np.ndarray, maps: np.ndarray) -> dict[str, float]:
+    """All six metrics; image_* need both classes, pixel_* need defective and normal pixels."""
+    image_labels = np.asarray(image_labels).astype(int)
+    pixel_labels = masks.reshape(-1).astype(bool)
+    pixel_scores = maps.reshape(-1).astype(np.float64)
+    return {
+        "image_auroc": float(roc_auc_score(image_labels, image_scores)),
+        "pixel_auroc": float(roc_auc_score(pixel_labels, pixel_scores)),
+        "pixel_aupro": aupro(masks, maps),
+        "pixel_ap": float(average_precision_score(pixel_labels, pixel_scores)),
+        "image_f1max": f1_max(image_labels, image_scores),
+        "pixel_f1max": f1_max(pixel_labels, pixel_scores),
+    }

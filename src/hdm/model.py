@@ -1,0 +1,58 @@
+"""HDM as one pure nn.Module: images in, anomaly probability maps and image scores out."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import HDMConfig
+from .ddm import DDM
+from .denoiser import Denoiser
+from .diffusion import GaussianDiffusion
+from .space import build_space
+
+
+class HDM(nn.Module):
+    """Feature space + denoiser (EMA weights) + DDM head.
+
+    Inference uses one fixed draw of forward-process noise, stored with the weights, so a given
+    image always gets the same map, in torch and in any exported graph.
+    """
+
+    def __init__(self, config: HDMConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.space = build_space(config.space)
+        channels, grid = self.space.channels, self.space.grid
+        d = config.diffusion
+        self.diffusion = GaussianDiffusion.linear(d.timesteps, d.beta_start, d.beta_end)
+        self.denoiser = Denoiser(channels, d.width, d.depth)
+        self.ddm = DDM(config.ddm, self.diffusion, channels)
+        generator = torch.Generator().manual_seed(config.train.seed)
+        self.register_buffer("noise", torch.randn(1, channels, grid, grid, generator=generator))
+
+    @property
+    def image_size(self) -> int:
+        return self.config.space.image_size
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images: B x 3 x S x S floats in [0, 1] -> (B x 1 x S x S map in [0, 1], B scores)."""
+        z = self.space(images)
+        logits = self.ddm.logits(z, self.denoiser, self.noise.expand_as(z))
+        return self.ddm.postprocess(self.space.to_pixels(torch.sigmoid(logits)))
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """Everything learned or fitted; the frozen encoder is rebuilt from its package instead."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("space.encoder.")}
+
+    def load_trained_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("space.encoder.")]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def to_model_input(images_uint8) -> torch.Tensor:
+    """N x S x S x 3 uint8 (numpy) -> N x 3 x S x S float tensor in [0, 1]."""
+    return torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float().div_(255.0)

@@ -1,0 +1,74 @@
+"""POM, the Probability Optimization Module.
+
+Generation side: the hybrid objective L_simple + lambda * L_vlb that learns Sigma_theta on normal
+samples, and the quality control of synthetic samples (reject those whose masked change is too
+small to be a defect or absurdly large, and adapt tau to keep samples in that band).
+Discrimination side: focal + smooth-L1 between the probability map and the mask, and an
+image-level term that ties the top-k map score to the label.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import POMConfig
+from .diffusion import GaussianDiffusion
+
+
+def hybrid_loss(diffusion: GaussianDiffusion, z0: torch.Tensor, zt: torch.Tensor, t: torch.Tensor,
+                noise: torch.Tensor, eps: torch.Tensor, v: torch.Tensor, lambda_vlb: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_simple, L_vlb). The VLB sees a stopped-gradient mean, so it trains only the variance."""
+    simple = F.mse_loss(eps, noise)
+    vlb = diffusion.vlb_terms(z0, zt, t, eps.detach(), v).mean()
+    return simple, lambda_vlb * vlb
+
+
+def masked_change(z: torch.Tensor, z0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared change per channel inside the (soft) mask, per sample; 0 where the mask is empty."""
+    per_cell = ((z - z0) ** 2).mean(dim=1, keepdim=True)
+    area = mask.flatten(1).sum(1)
+    return (per_cell * mask).flatten(1).sum(1) / area.clamp_min(1e-6)
+
+
+def filter_samples(change: torch.Tensor, low: float, high: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Boolean masks (keep, too_small, too_large) for synthetic samples by their masked change."""
+    too_small = change < low
+    too_large = change > high
+    return ~(too_small | too_large), too_small, too_large
+
+
+def adapt_tau(tau: float, too_small: int, too_large: int, count: int, config: POMConfig) -> float:
+    """Raise tau when diffusion samples stay too close to normal, lower it when they explode."""
+    if count == 0 or not config.adapt_tau:
+        return tau
+    step = config.tau_rate * (too_small - too_large) / count * (1.0 + tau)
+    return float(min(config.tau_max, max(config.tau_min, tau + step)))
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float, alpha: float) -> torch.Tensor:
+    """Binary focal loss on soft targets (mean over cells)."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    prob = torch.sigmoid(logits)
+    p_true = prob * target + (1 - prob) * (1 - target)
+    weight = alpha * target + (1 - alpha) * (1 - target)
+    return (weight * (1 - p_true) ** gamma * bce).mean()
+
+
+def top_k_mean(values: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Mean of the largest `fraction` of each sample's values (the max when fraction is 0)."""
+    flat = values.flatten(1)
+    k = max(1, int(round(fraction * flat.shape[1])))
+    return flat.topk(k, dim=1).values.mean(1)
+
+
+def map_losses(logits: torch.Tensor, mask: torch.Tensor, label: torch.Tensor, config: POMConfig,
+               top_k: float) -> dict[str, torch.Tensor]:
+    """Discrimination-side losses on grid logits against the (soft) grid mask and image labels."""
+    prob = torch.sigmoid(logits)
+    image_logit = top_k_mean(logits, top_k)
+    return {
+        "focal": focal_loss(logits, mask, config.focal_gamma, config.focal_alpha),
+        "l1": config.lambda_l1 * F.smooth_l1_loss(prob, mask),
+        "image": config.lambda_image * F.binary_cross_entropy_with_logits(image_logit, label),
+    }

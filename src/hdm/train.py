@@ -1,0 +1,162 @@
+"""Training glue: cache z_0 of the normal images, then optimise denoiser and head with DAGM batches.
+
+The model (`HDM`) stays a pure module; everything about optimisation lives here.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .config import HDMConfig
+from .dagm import DAGM, appearance_anomaly, foreign_textures, grid_mask
+from .data import load_images_resized
+from .model import HDM, to_model_input
+from .pom import adapt_tau, filter_samples, hybrid_loss, map_losses, masked_change
+from .space import FeatureSpace
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def encode(space: FeatureSpace, images: np.ndarray, batch_size: int = 16, desc: str = "encode",
+           progress: bool = True) -> torch.Tensor:
+    """Un-normalised z of N x S x S x 3 uint8 images, batch by batch."""
+    chunks = []
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
+        chunks.append(space.raw_features(to_model_input(images[start:start + batch_size])))
+    return torch.cat(chunks)
+
+
+@dataclass
+class TrainingLog:
+    losses: list[dict[str, float]] = field(default_factory=list)
+    tau: list[float] = field(default_factory=list)
+    rejected: int = 0
+    synthetic: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, float]:
+        last = self.losses[-50:]
+        mean = {k: float(np.mean([row[k] for row in last])) for k in last[0]} if last else {}
+        return {**{f"loss_{k}": v for k, v in mean.items()}, "tau": self.tau[-1] if self.tau else 0.0,
+                "rejected_fraction": self.rejected / max(1, self.synthetic), "train_seconds": self.seconds}
+
+
+def build_appearance_pool(space: FeatureSpace, images: np.ndarray, config: HDMConfig,
+                          rng: np.random.Generator, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel-space anomalies (DAGM content b), encoded once: z of N x k x C x g x g and soft grid masks."""
+    per_image = config.dagm.appearance_per_image
+    textures = foreign_textures(images.shape[1])
+    made, masks = [], []
+    for index in range(len(images)):
+        for _ in range(per_image):
+            other = images[int(rng.integers(len(images)))]
+            image, mask = appearance_anomaly(images[index], other, textures, rng, config.dagm)
+            made.append(image)
+            masks.append(grid_mask(mask, space.grid))
+    z = space.normalise(encode(space, np.stack(made), desc="encode anomalies", progress=progress))
+    shape = (len(images), per_image)
+    return z.view(*shape, *z.shape[1:]), torch.stack(masks).view(*shape, 1, space.grid, space.grid)
+
+
+def fit(config: HDMConfig, paths: list[Path], progress: bool = True,
+        log: Callable[[str], None] = print) -> tuple[HDM, TrainingLog]:
+    """Train HDM on normal images only."""
+    config.validate()
+    seed_everything(config.train.seed)
+    rng = np.random.default_rng(config.train.seed)
+    generator = torch.Generator().manual_seed(config.train.seed)
+    started = time.perf_counter()
+
+    images = load_images_resized(paths, config.space.image_size)
+    model = HDM(config)
+    space = model.space
+    raw = encode(space, images, desc="encode normal", progress=progress)
+    space.fit_statistics(raw)
+    z0_all = space.normalise(raw)
+    app_z, app_mask = build_appearance_pool(space, images, config, rng, progress)
+    log(f"cached z for {len(images)} normal images and {app_z.shape[0] * app_z.shape[1]} appearance anomalies "
+        f"({time.perf_counter() - started:.0f}s)")
+
+    denoiser, head, diffusion = model.denoiser, model.ddm.head, model.diffusion
+    ema = copy.deepcopy(denoiser).requires_grad_(False)
+    params = list(denoiser.parameters()) + list(head.parameters())
+    optimiser = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.train.lr, total_steps=config.train.steps,
+                                                   pct_start=0.05)
+    dagm = DAGM(config.dagm, diffusion, space.grid)
+    history = TrainingLog()
+    denoiser.train()
+    head.train()
+
+    steps = config.train.steps
+    batch_size = min(config.train.batch_size, len(images) * 2)
+    bar = tqdm(range(steps), desc="train", disable=not progress)
+    for step in bar:
+        index = torch.from_numpy(rng.integers(len(images), size=batch_size))
+        pick = torch.from_numpy(rng.integers(app_z.shape[1], size=batch_size))
+        z0, az, am = z0_all[index], app_z[index, pick], app_mask[index, pick]
+        if config.train.augment_flip and rng.random() < 0.5:
+            z0, az, am = z0.flip(-1), az.flip(-1), am.flip(-1)
+
+        # POM, generation side: the hybrid objective on normal samples only.
+        t = torch.randint(0, diffusion.num_timesteps, (batch_size,), generator=generator)
+        noise = torch.randn(z0.shape, generator=generator)
+        zt = diffusion.q_sample(z0, t, noise)
+        eps, v = denoiser(zt, t)
+        l_simple, l_vlb = hybrid_loss(diffusion, z0, zt, t, noise, eps, v, config.pom.lambda_vlb)
+
+        # DAGM, then POM's quality control of the synthetic samples.
+        batch = dagm.make_batch(z0, az, am, ema, step / steps, rng, generator)
+        synthetic = batch.label > 0
+        if config.pom.filtering and synthetic.any():
+            keep, small, large = filter_samples(masked_change(batch.z, z0, batch.mask),
+                                                config.pom.change_low, config.pom.change_high)
+            drop = synthetic & ~keep
+            batch.z[drop], batch.mask[drop], batch.label[drop] = z0[drop], 0.0, 0.0
+            from_diffusion = batch.source == 1
+            dagm.tau = adapt_tau(dagm.tau, int((small & from_diffusion).sum()), int((large & from_diffusion).sum()),
+                                 int(from_diffusion.sum()), config.pom)
+            history.rejected += int(drop.sum())
+        history.synthetic += int(synthetic.sum())
+
+        # DDM on the mixed batch, with the EMA denoiser the model will use at inference.
+        with torch.no_grad():
+            z0_hat = model.ddm.denoise(batch.z, ema, model.noise.expand_as(batch.z))
+        logits = head(batch.z, z0_hat)
+        losses = map_losses(logits, batch.mask, batch.label, config.pom, config.ddm.top_k)
+        total = l_simple + l_vlb + sum(losses.values())
+
+        optimiser.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimiser.step()
+        schedule.step()
+        with torch.no_grad():
+            decay = min(config.train.ema_decay, (1 + step) / (10 + step))
+            for p_ema, p in zip(ema.parameters(), denoiser.parameters()):
+                p_ema.lerp_(p, 1.0 - decay)
+
+        row = {"simple": l_simple.item(), "vlb": l_vlb.item(), **{k: v.item() for k, v in losses.items()}}
+        history.losses.append(row)
+        history.tau.append(dagm.tau)
+        if step % 25 == 0:
+            bar.set_postfix(simple=f"{row['simple']:.3f}", focal=f"{row['focal']:.4f}", tau=f"{dagm.tau:.2f}")
+
+    model.denoiser.load_state_dict(ema.state_dict())
+    model.eval()
+    history.seconds = time.perf_counter() - started
+    return model, history

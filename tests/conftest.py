@@ -1,0 +1,39 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+torch.set_num_threads(2)
+
+
+def save(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.fixture
+def tiny_mvtec(tmp_path):
+    """A 3-normal / 1-good-test / 2-defect MVTec-layout tree of 48x40 RGB images."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "ds"
+    for i in range(3):
+        save(root / "cat" / "train" / "good" / f"{i:03d}.png", rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    save(root / "cat" / "test" / "good" / "000.png", rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    for i in range(2):
+        save(root / "cat" / "test" / "crack" / f"{i:03d}.png", rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
+        mask = np.zeros((40, 48), np.uint8)
+        mask[10:20, 10:20] = 255
+        save(root / "cat" / "ground_truth" / "crack" / f"{i:03d}_mask.png", mask)
+    return root
+
+
+def real_dataset(name: str, category: str) -> Path:
+    root = SHARED_DATASETS / name
+    if not (root / category).is_dir():
+        pytest.skip(f"real data not present at {root / category}")
+    return root

@@ -1,0 +1,107 @@
+import numpy as np
+import pytest
+import torch
+
+from hdm.config import DAGMConfig, DDMConfig
+from hdm.dagm import DAGM, appearance_anomaly, grid_mask, shuffled_patches
+from hdm.ddm import DDM, gaussian_kernel, smooth
+from hdm.denoiser import Denoiser
+from hdm.diffusion import GaussianDiffusion
+
+C, G = 6, 8
+
+
+@pytest.fixture(scope="module")
+def diffusion():
+    return GaussianDiffusion.linear(1000, 1e-4, 0.02)
+
+
+class OracleDenoiser(torch.nn.Module):
+    """Predicts exactly the noise that maps z_t back to a known z_0 (for testing samplers)."""
+
+    def __init__(self, diffusion, z0):
+        super().__init__()
+        self.diffusion, self.z0 = diffusion, z0
+
+    def forward(self, zt, t):
+        return self.diffusion.predict_eps(zt, t, self.z0), torch.zeros_like(zt)
+
+
+def test_about_half_of_each_batch_stays_normal(diffusion):
+    dagm = DAGM(DAGMConfig(p_anomaly=0.5), diffusion, G)
+    rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    z0 = torch.randn(64, C, G, G)
+    app_z, app_m = torch.randn(64, C, G, G), (torch.rand(64, 1, G, G) > 0.7).float()
+    batch = dagm.make_batch(z0, app_z, app_m, Denoiser(C, 16, 1), 1.0, rng, gen)
+    assert 0.3 < batch.label.mean().item() < 0.7
+    normal = batch.label == 0
+    assert torch.equal(batch.z[normal], z0[normal]) and batch.mask[normal].sum() == 0
+    # outside its mask an anomalous sample is untouched
+    outside = (batch.mask == 0).expand_as(z0)
+    assert torch.equal(batch.z[outside], z0[outside])
+    assert set(batch.source[batch.label > 0].tolist()) <= {1, 2}
+
+
+def test_diffusion_share_ramps_up(diffusion):
+    dagm = DAGM(DAGMConfig(p_diffusion_max=0.5, warmup_fraction=0.4), diffusion, G)
+    assert dagm.diffusion_share(0.0) == 0.0 and dagm.diffusion_share(0.2) == 0.0
+    assert 0 < dagm.diffusion_share(0.3) < 0.5 and dagm.diffusion_share(0.9) == 0.5
+
+
+def test_diffusion_content_spreads_more_with_larger_tau(diffusion):
+    z0 = torch.zeros(256, C, G, G)
+    spreads = []
+    for tau in (0.0, 4.0):
+        dagm = DAGM(DAGMConfig(t_a=400, reverse_steps=4), diffusion, G)
+        dagm.tau = tau
+        out = dagm.diffusion_content(z0, OracleDenoiser(diffusion, z0), torch.Generator().manual_seed(0))
+        spreads.append(out.var().item())
+    assert spreads[1] > spreads[0]
+
+
+def test_appearance_anomaly_changes_only_the_masked_pixels():
+    rng = np.random.default_rng(0)
+    image = np.full((64, 64, 3), 128, np.uint8)
+    other = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    textures = [np.full((64, 64, 3), 20, np.uint8)]
+    for _ in range(5):
+        out, mask = appearance_anomaly(image, other, textures, rng, DAGMConfig())
+        assert mask.any()
+        assert np.array_equal(out[~mask], image[~mask])
+    soft = grid_mask(mask, 8)
+    assert soft.shape == (1, 8, 8) and 0 < soft.mean() <= 1
+
+
+def test_shuffled_patches_keep_the_pixels():
+    image = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    out = shuffled_patches(image, np.random.default_rng(1), grid=4)
+    assert sorted(out.ravel().tolist()) == sorted(image.ravel().tolist())
+    assert not np.array_equal(out, image)
+
+
+@pytest.mark.parametrize("mode", ["one_step", "norm_guided", "k_step"])
+def test_every_denoising_mode_recovers_z0_with_an_oracle(diffusion, mode):
+    z0 = torch.randn(2, C, G, G)
+    ddm = DDM(DDMConfig(mode=mode, t_s=200, k_steps=3), diffusion, C)
+    z0_hat = ddm.denoise(z0, OracleDenoiser(diffusion, z0), torch.randn_like(z0))
+    assert torch.allclose(z0_hat, z0, atol=1e-3)
+
+
+def test_head_and_postprocessing_shapes(diffusion):
+    ddm = DDM(DDMConfig(), diffusion, C).eval()
+    z = torch.randn(3, C, G, G)
+    logits = ddm.logits(z, Denoiser(C, 16, 1), torch.randn_like(z))
+    assert logits.shape == (3, 1, G, G)
+    maps, scores = ddm.postprocess(torch.sigmoid(torch.nn.functional.interpolate(logits, size=64)))
+    assert maps.shape == (3, 1, 64, 64) and scores.shape == (3,)
+
+
+def test_smoothing_keeps_constants_and_mass():
+    kernel = gaussian_kernel(4.0)
+    assert kernel.sum().item() == pytest.approx(1.0)
+    flat = torch.full((1, 1, 40, 40), 0.3)
+    assert torch.allclose(smooth(flat, kernel), flat, atol=1e-6)
+    spike = torch.zeros(1, 1, 64, 64)
+    spike[0, 0, 32, 32] = 1.0
+    blurred = smooth(spike, kernel)
+    assert blurred.sum().item() == pytest.approx(1.0, abs=1e-4) and blurred.max() < 0.02

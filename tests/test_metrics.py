@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
+
+from hdm.metrics import METRIC_KEYS, aupro, compute_metrics, f1_max
+
+
+def test_image_and_pixel_metrics_agree_with_sklearn():
+    rng = np.random.default_rng(0)
+    masks = rng.random((6, 16, 16)) < 0.1
+    maps = rng.random((6, 16, 16)) + masks * 0.3
+    labels = np.array([0, 0, 1, 1, 1, 0])
+    scores = rng.random(6) + labels * 0.2
+    m = compute_metrics(labels, scores, masks, maps)
+    assert set(m) == set(METRIC_KEYS)
+    assert m["image_auroc"] == pytest.approx(roc_auc_score(labels, scores))
+    assert m["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()))
+    assert m["pixel_ap"] == pytest.approx(average_precision_score(masks.ravel(), maps.ravel()))
+    best = max(f1_score(labels, scores >= s) for s in scores)
+    assert m["image_f1max"] == pytest.approx(best)
+    assert all(0.0 <= v <= 1.0 for v in m.values())
+
+
+def test_f1_max_of_a_perfect_ranking_is_one():
+    assert f1_max(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9])) == pytest.approx(1.0)
+
+
+def _two_regions():
+    masks = np.zeros((1, 20, 20), bool)
+    masks[0, 2:6, 2:6] = True  # region A, 16 px
+    masks[0, 12:18, 12:18] = True  # region B, 36 px
+    return masks
+
+
+def test_aupro_of_a_perfect_map_is_one():
+    masks = _two_regions()
+    assert aupro(masks, masks.astype(float)) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_aupro_averages_regions_not_pixels():
+    # Region A is found at every threshold, the larger region B never: PRO is 0.5 whatever the FPR.
+    masks = _two_regions()
+    maps = np.zeros((1, 20, 20))
+    maps[0, 2:6, 2:6] = 1.0
+    rng = np.random.default_rng(0)
+    maps[0][~masks[0]] = rng.uniform(0.0, 0.5, (~masks[0]).sum())
+    maps[0, 12:18, 12:18] = -1.0
+    assert aupro(masks, maps) == pytest.approx(0.5, abs=0.01)
+
+
+def test_aupro_of_a_map_that_ranks_normal_pixels_first_is_zero():
+    masks = _two_regions()
+    maps = np.where(masks, 0.0, 1.0)
+    assert aupro(masks, maps) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_aupro_with_half_of_a_region_detected():
+    # Half of the single region scores above all normal pixels, the other half below all of them:
+    # PRO is 0.5 for FPR in (0, 1), so the normalised area up to 0.3 is 0.5.
+    masks = np.zeros((2, 10, 10), bool)
+    masks[0, 0:4, 0:4] = True
+    maps = np.full((2, 10, 10), 0.5) + np.linspace(0, 0.1, 200).reshape(2, 10, 10)
+    maps[0, 0:2, 0:4] = 2.0
+    maps[0, 2:4, 0:4] = -1.0
+    assert aupro(masks, maps) == pytest.approx(0.5, abs=0.01)
+
+
+def test_aupro_needs_both_classes():
+    with pytest.raises(ValueError):
+        aupro(np.zeros((1, 4, 4), bool), np.zeros((1, 4, 4)))

@@ -1,0 +1,49 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hdm.config import POMConfig
+from hdm.pom import adapt_tau, filter_samples, focal_loss, masked_change, top_k_mean
+
+
+def test_masked_change_measures_only_inside_the_mask():
+    z0 = torch.zeros(2, 4, 8, 8)
+    z = z0.clone()
+    z[:, :, :4] = 2.0  # change of 4 per channel in the top half
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[0, :, :2] = 1  # inside the changed half
+    mask[1, :, 6:] = 1  # outside it
+    assert masked_change(z, z0, mask).tolist() == [4.0, 0.0]
+    assert masked_change(z, z0, torch.zeros(2, 1, 8, 8)).tolist() == [0.0, 0.0]
+
+
+def test_filter_drops_too_small_and_too_large_changes():
+    keep, small, large = filter_samples(torch.tensor([0.01, 0.5, 3.0, 50.0]), 0.25, 6.0)
+    assert keep.tolist() == [False, True, True, False]
+    assert small.tolist() == [True, False, False, False]
+    assert large.tolist() == [False, False, False, True]
+
+
+def test_tau_rises_when_samples_are_too_tame_and_falls_when_they_explode():
+    config = POMConfig(tau_rate=0.1, tau_max=5.0)
+    assert adapt_tau(1.0, too_small=4, too_large=0, count=4, config=config) > 1.0
+    assert adapt_tau(1.0, too_small=0, too_large=4, count=4, config=config) < 1.0
+    assert adapt_tau(1.0, 2, 2, 4, config) == 1.0
+    assert adapt_tau(5.0, 4, 0, 4, config) == 5.0  # clipped at tau_max
+    assert adapt_tau(1.0, 4, 0, 4, POMConfig(adapt_tau=False)) == 1.0
+
+
+def test_focal_loss_down_weights_easy_cells():
+    target = torch.tensor([1.0, 0.0])
+    easy, hard = torch.tensor([6.0, -6.0]), torch.tensor([-1.0, 1.0])
+    assert focal_loss(easy, target, 2.0, 0.5) < 1e-4
+    assert focal_loss(hard, target, 2.0, 0.5) > 100 * focal_loss(easy, target, 2.0, 0.5)
+    # gamma = 0, alpha = 0.5 is half the binary cross-entropy
+    assert focal_loss(hard, target, 0.0, 0.5).item() == pytest.approx(
+        0.5 * F.binary_cross_entropy_with_logits(hard, target).item())
+
+
+def test_top_k_mean():
+    values = torch.arange(100.0).view(1, 1, 10, 10)
+    assert top_k_mean(values, 0.0).item() == 99.0
+    assert top_k_mean(values, 0.05).item() == pytest.approx(97.0)
