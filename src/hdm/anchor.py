@@ -7,20 +7,24 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
 
-from .ddm import smooth, gaussian_kernel
-from .model import to_model_input
+from .ddm import gaussian_kernel, smooth
 from .pom import top_k_mean
 from .space import FeatureSpace
 from .train import encode
 
 
-class NearestNeighbourAnchor:
+class NearestNeighbourAnchor(nn.Module):
+    """Same call contract as `HDM`: images in [0, 1] -> (maps, image scores)."""
+
     def __init__(self, space: FeatureSpace, smooth_sigma: float = 4.0, top_k: float = 0.01):
+        super().__init__()
         self.space = space
-        self.kernel = gaussian_kernel(smooth_sigma)
+        self.image_size = space.config.image_size
+        self.register_buffer("kernel", gaussian_kernel(smooth_sigma), persistent=False)
         self.top_k = top_k
-        self.bank: torch.Tensor | None = None
+        self.bank = torch.empty(0)
 
     def fit(self, images: np.ndarray) -> None:
         raw = encode(self.space, images, desc="anchor bank", progress=False)
@@ -40,7 +44,7 @@ class NearestNeighbourAnchor:
         return best.clamp_min(0).sqrt().view(z.shape[0], 1, z.shape[2], z.shape[3])
 
     @torch.no_grad()
-    def __call__(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.space(to_model_input(images))
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.space(images)
         maps = smooth(self.space.to_pixels(self.distances(z)), self.kernel)
         return maps, top_k_mean(maps, self.top_k)

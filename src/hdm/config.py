@@ -78,7 +78,7 @@ class POMConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1500
+    steps: int = 800
     batch_size: int = 16
     lr: float = 1e-3
     ema_decay: float = 0.995

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data import Sample, iter_batches, load_mask, resize_mask
+from .data import HDMInputError, Sample, iter_batches, load_mask, resize_mask
 from .metrics import compute_metrics
 from .model import HDM, to_model_input
 
@@ -25,7 +25,7 @@ class Prediction:
 
 def predict_samples(model: HDM, samples: list[Sample], batch_size: int = 16, progress: bool = True,
                     desc: str = "predict") -> Iterator[Prediction]:
-    model.eval()
+    """`model` is an `HDM` in eval mode, or anything with its contract (`image_size`, images -> maps, scores)."""
     with torch.inference_mode(), tqdm(total=len(samples), desc=desc, disable=not progress, leave=False) as bar:
         for chunk, images, shapes, errors in iter_batches(samples, model.image_size, batch_size):
             maps, scores = model(to_model_input(images))
@@ -40,8 +40,6 @@ def evaluate(model: HDM, samples: list[Sample], batch_size: int = 16, progress: 
     predictions, maps, masks = [], [], []
     for prediction in predict_samples(model, samples, batch_size, progress, desc="test"):
         if prediction.error:
-            from .data import HDMInputError
-
             raise HDMInputError(prediction.error)
         sample = prediction.sample
         mask = (load_mask(sample.mask_path, prediction.shape) if sample.mask_path else np.zeros(prediction.shape, bool))

@@ -1,0 +1,127 @@
+"""Speed and memory benchmark: model inference, the encoder and the anchor, and `hdm predict` end to end.
+
+    .venv/bin/python bench/speed.py [--run RUN] [--repeats 5] [--out bench/results/speed.md]
+
+Inference cost does not depend on the weights, so without --run an untrained HDM with default
+settings is timed (its checkpoint is written to a temporary run for the `hdm predict` figures).
+All figures are medians over --repeats runs on the MVTec AD bottle test images at 256^2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from hdm.anchor import NearestNeighbourAnchor
+from hdm.config import HDMConfig
+from hdm.data import list_images, load_images_resized
+from hdm.model import HDM, to_model_input
+from hdm.store import load_model, save_checkpoint
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mvtec_ad" / "bottle"
+PEAK_RSS = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+
+
+def median_rate(fn, count: int, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return count / statistics.median(times)
+
+
+def batched(model, images: torch.Tensor, batch_size: int):
+    def run():
+        with torch.inference_mode():
+            for start in range(0, len(images), batch_size):
+                model(images[start:start + batch_size])
+    return run
+
+
+def predict_cli(run: Path, folder: Path, out: Path) -> tuple[float, float]:
+    """(seconds, peak RSS in MiB) of one `hdm predict` process."""
+    hdm = Path(sys.executable).with_name("hdm")
+    shutil.rmtree(out, ignore_errors=True)
+    started = time.perf_counter()
+    rss = subprocess.run([sys.executable, "-c", PEAK_RSS, str(hdm), "predict", "--run", str(run), str(folder),
+                          "--out", str(out)], check=True, capture_output=True, text=True).stdout
+    return time.perf_counter() - started, int(rss.strip()) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/speed.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    if not DATA.is_dir():
+        sys.exit(f"bench: {DATA} not found")
+
+    work = Path(tempfile.mkdtemp(prefix="hdm-speed-"))
+    if args.run:
+        model, _ = load_model(args.run / "model.pt")
+        run = args.run
+    else:
+        model = HDM(HDMConfig()).eval()
+        run = work / "run"
+        save_checkpoint(run / "model.pt", model.config, model.trained_state())
+    paths = sorted(p for p in list_images(DATA / "test"))
+    images = to_model_input(load_images_resized(paths, model.image_size))
+    n = len(images)
+
+    rows = {}
+    rows["HDM model, batch 16"] = median_rate(batched(model, images, 16), n, args.repeats)
+    rows["HDM model, batch 1"] = median_rate(batched(model, images[:16], 1), 16, args.repeats)
+    rows["frozen encoder alone, batch 16"] = median_rate(batched(model.space, images, 16), n, args.repeats)
+    anchor = NearestNeighbourAnchor(model.space).eval()
+    anchor.fit(load_images_resized(list_images(DATA / "train" / "good"), model.image_size))
+    rows["nearest-neighbour anchor, batch 16"] = median_rate(batched(anchor, images, 16), n, args.repeats)
+
+    # End to end, and memory against the number of images (the same images copied 4x).
+    big = work / "many"
+    for copy in range(4):
+        shutil.copytree(DATA / "test", big / f"copy{copy}")
+    small_runs = [predict_cli(run, DATA / "test", work / "out") for _ in range(3)]
+    big_runs = [predict_cli(run, big, work / "out") for _ in range(3)]
+    small_s = statistics.median(r[0] for r in small_runs)
+    big_s = statistics.median(r[0] for r in big_runs)
+    marginal = 3 * n / (big_s - small_s)
+    shutil.rmtree(work, ignore_errors=True)
+
+    hdm_rate = rows["HDM model, batch 16"]
+    lines = ["| what | images/s | ratio to HDM batch 16 |", "|---|---|---|"]
+    lines += [f"| {name} | {rate:.1f} | {rate / hdm_rate:.2f} |" for name, rate in rows.items()]
+    lines += [
+        "",
+        "| `hdm predict` (decode, model, overlays, masks, scores.csv) | value |",
+        "|---|---|",
+        f"| {n} images, whole process incl. start-up | {small_s:.1f} s ({n / small_s:.1f} images/s) |",
+        f"| {4 * n} images, whole process incl. start-up | {big_s:.1f} s ({4 * n / big_s:.1f} images/s) |",
+        f"| steady-state rate (extra {3 * n} images / extra time) | {marginal:.1f} images/s |",
+        f"| peak RSS, {n} images | {statistics.median(r[1] for r in small_runs):.0f} MiB |",
+        f"| peak RSS, {4 * n} images | {statistics.median(r[1] for r in big_runs):.0f} MiB |",
+    ]
+    command = "python bench/speed.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    text = (f"# Speed on this machine\n\nProduced by `{command.strip()}`: medians over {args.repeats} runs "
+            f"(3 for `hdm predict`), {torch.get_num_threads()} CPU threads, fp32, 256², MVTec AD bottle test images.\n\n"
+            + "\n".join(lines) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
