@@ -42,13 +42,13 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """Bring float images in [0, 1] and 16/32-bit integer images to 8 bits, keeping their range."""
     if array.dtype == np.uint8:
         return array
-    array = array.astype(np.float64)
-    if array.max(initial=0) <= 1.0 and array.dtype.kind == "f":
+    if array.dtype.kind == "f" and array.max(initial=0) <= 1.0:
         return np.clip(array * 255.0, 0, 255).astype(np.uint8)
     high = 65535.0 if array.max(initial=0) > 255 else 255.0
-    return np.clip(array / high * 255.0, 0, 255).astype(np.uint8)
+    return np.clip(array.astype(np.float64) / high * 255.0, 0, 255).astype(np.uint8)
 
 
 def load_image(path: Path) -> np.ndarray:

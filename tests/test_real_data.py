@@ -1,0 +1,47 @@
+"""End-to-end on the real data in ../shared/datasets at reduced size (skipped where it is absent).
+
+Reduced: 128^2 images, 25 normal images and a short schedule, so that this stays around a minute
+on two CPU cores. The full-size figures come from bench/accuracy.py, not from here.
+"""
+
+import pytest
+
+from conftest import real_dataset
+from hdm.anchor import NearestNeighbourAnchor
+from hdm.config import HDMConfig
+from hdm.data import load_images_resized, mvtec_samples, normal_samples
+from hdm.inference import evaluate
+from hdm.space import FeatureSpace
+from hdm.train import fit
+
+pytestmark = pytest.mark.e2e
+
+
+def small_config() -> HDMConfig:
+    config = HDMConfig()
+    config.space.image_size = 128
+    config.train.steps = 120
+    config.train.batch_size = 8
+    config.dagm.appearance_per_image = 1
+    return config
+
+
+def test_hdm_learns_metal_plate_defects_from_normal_images_only():
+    root = real_dataset("mpdd", "metal_plate")
+    train = normal_samples(root, "metal_plate")[:25]
+    model, history = fit(small_config(), [s.path for s in train], progress=False, log=lambda m: None)
+    metrics, predictions = evaluate(model, mvtec_samples(root, "metal_plate", "test"), progress=False)
+    assert len(predictions) == 98
+    assert metrics["image_auroc"] > 0.85
+    assert metrics["pixel_auroc"] > 0.9
+    assert history.summary()["loss_simple"] < 1.0  # the denoiser learned something about z
+
+
+def test_anchor_on_bottle_matches_its_reference_behaviour():
+    root = real_dataset("mvtec_ad", "bottle")
+    config = small_config()
+    anchor = NearestNeighbourAnchor(FeatureSpace(config.space)).eval()
+    anchor.fit(load_images_resized([s.path for s in normal_samples(root, "bottle")[:40]], 128))
+    metrics, _ = evaluate(anchor, mvtec_samples(root, "bottle", "test"), progress=False)
+    assert metrics["image_auroc"] > 0.95
+    assert metrics["pixel_auroc"] > 0.95
