@@ -37,3 +37,16 @@ def real_dataset(name: str, category: str) -> Path:
     if not (root / category).is_dir():
         pytest.skip(f"real data not present at {root / category}")
     return root
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Every test runs with outbound connections refused: no code path may download anything."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access is blocked inside the tests")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)

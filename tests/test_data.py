@@ -69,3 +69,13 @@ def test_plain_folder_and_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(HDMInputError, match="empty: no normal training images"):
         normal_samples(tmp_path / "empty", None)
+
+
+def test_the_network_is_blocked_inside_tests():
+    import socket
+    import urllib.request
+
+    with pytest.raises(OSError, match="blocked"):
+        socket.create_connection(("127.0.0.1", 9))
+    with pytest.raises(OSError):
+        urllib.request.urlopen("http://127.0.0.1:9/", timeout=1)
