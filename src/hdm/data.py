@@ -142,29 +142,39 @@ def load_images_resized(paths: Iterable[Path], size: int, workers: int = 2) -> n
     return np.stack(images)
 
 
-def iter_batches(samples: list[Sample], size: int, batch_size: int) -> Iterator[tuple[list[Sample], np.ndarray, list[tuple[int, int]], list[str | None]]]:
-    """Yield (samples, resized uint8 batch, original shapes, error per sample) with decoding one batch ahead.
+@dataclass
+class DecodedBatch:
+    samples: list[Sample]
+    images: np.ndarray  # B x size x size x 3 uint8, zeros where decoding failed
+    shapes: list[tuple[int, int]]  # each image's own (H, W)
+    errors: list[str | None]
+    originals: list[np.ndarray | None]  # full-size images, only when asked for
+
+
+def iter_batches(samples: list[Sample], size: int, batch_size: int, keep_originals: bool = False) -> Iterator[DecodedBatch]:
+    """Decode and resize samples batch by batch, one batch ahead of the caller.
 
     A sample that cannot be read gets a zero image and its error message, so one bad file never
-    stops a folder of good ones.
+    stops a folder of good ones. Memory is bounded by two batches, whatever the number of samples.
     """
 
-    def decode(sample: Sample) -> tuple[np.ndarray, tuple[int, int], str | None]:
+    def decode(sample: Sample) -> tuple[np.ndarray, tuple[int, int], str | None, np.ndarray | None]:
         try:
             image = load_image(sample.path)
         except HDMInputError as exc:
-            return np.zeros((size, size, 3), np.uint8), (size, size), str(exc)
-        return resize_image(image, size), image.shape[:2], None
+            return np.zeros((size, size, 3), np.uint8), (size, size), str(exc), None
+        return resize_image(image, size), image.shape[:2], None, image if keep_originals else None
 
-    def decode_batch(chunk: list[Sample]):
-        return [decode(s) for s in chunk]
+    def decode_batch(chunk: list[Sample]) -> DecodedBatch:
+        decoded = [decode(s) for s in chunk]
+        return DecodedBatch(chunk, np.stack([d[0] for d in decoded]), [d[1] for d in decoded],
+                            [d[2] for d in decoded], [d[3] for d in decoded])
 
     chunks = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(decode_batch, chunks[0]) if chunks else None
-        for index, chunk in enumerate(chunks):
-            decoded = pending.result()
+        for index in range(len(chunks)):
+            batch = pending.result()
             if index + 1 < len(chunks):
                 pending = pool.submit(decode_batch, chunks[index + 1])
-            images = np.stack([d[0] for d in decoded])
-            yield chunk, images, [d[1] for d in decoded], [d[2] for d in decoded]
+            yield batch

@@ -21,17 +21,19 @@ class Prediction:
     score: float
     shape: tuple[int, int]  # the image's own (H, W)
     error: str | None = None
+    image: np.ndarray | None = None  # the decoded original, when asked for
 
 
 def predict_samples(model: HDM, samples: list[Sample], batch_size: int = 16, progress: bool = True,
-                    desc: str = "predict") -> Iterator[Prediction]:
+                    desc: str = "predict", keep_images: bool = False) -> Iterator[Prediction]:
     """`model` is an `HDM` in eval mode, or anything with its contract (`image_size`, images -> maps, scores)."""
     with torch.inference_mode(), tqdm(total=len(samples), desc=desc, disable=not progress, leave=False) as bar:
-        for chunk, images, shapes, errors in iter_batches(samples, model.image_size, batch_size):
-            maps, scores = model(to_model_input(images))
-            for i, sample in enumerate(chunk):
-                yield Prediction(sample, maps[i, 0].numpy(), float(scores[i]), shapes[i], errors[i])
-            bar.update(len(chunk))
+        for batch in iter_batches(samples, model.image_size, batch_size, keep_originals=keep_images):
+            maps, scores = model(to_model_input(batch.images))
+            for i, sample in enumerate(batch.samples):
+                yield Prediction(sample, maps[i, 0].numpy(), float(scores[i]), batch.shapes[i], batch.errors[i],
+                                 batch.originals[i])
+            bar.update(len(batch.samples))
 
 
 def evaluate(model: HDM, samples: list[Sample], batch_size: int = 16, progress: bool = True) -> tuple[dict[str, float], list[Prediction]]:

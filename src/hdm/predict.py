@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .data import HDMInputError, Sample, list_images, load_image
+from .data import HDMInputError, Sample, list_images
 from .inference import Prediction, predict_samples
 from .model import HDM
 from .store import write_bytes_atomic, write_npy, write_png
@@ -61,7 +61,7 @@ def resolve_targets(paths: list[Path]) -> list[Target]:
 
 
 def write_outputs(prediction: Prediction, target: Target, out: Path, save_maps: bool, threshold: float) -> dict:
-    image = load_image(target.source)
+    image = prediction.image
     values = resize_map(prediction.map, prediction.shape)
     overlay = (0.5 * image.astype(np.float32) + 0.5 * colourise(values).astype(np.float32)).astype(np.uint8)
     stem = out / target.relative
@@ -80,7 +80,7 @@ def predict_paths(model: HDM, paths: list[Path], out: Path, save_maps: bool = Fa
     targets = resolve_targets(paths)
     samples = [Sample(t.source, 0) for t in targets]
     rows, errors = [], []
-    for prediction, target in zip(predict_samples(model, samples, batch_size, progress), targets):
+    for prediction, target in zip(predict_samples(model, samples, batch_size, progress, keep_images=True), targets):
         if prediction.error:
             errors.append(prediction.error)
             continue
