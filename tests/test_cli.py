@@ -81,3 +81,29 @@ def test_bad_options_fail_in_one_line(tmp_path):
     assert result.exit_code != 0
     assert "image_size must be a multiple of 32" in result.output
     assert "Traceback" not in result.output
+
+
+def test_onnx_export_has_parity_with_torch(trained, tmp_path):
+    data, run = trained
+    onnx_file = tmp_path / "model.onnx"
+    result = CliRunner().invoke(main, ["export", "--run", str(run), "--format", "onnx", "--out", str(onnx_file)])
+    assert result.exit_code == 0, result.output
+    outs = {}
+    for name, flag in (("torch", ["--run", str(run)]), ("onnx", ["--model", str(onnx_file)])):
+        outs[name] = tmp_path / name
+        result = CliRunner().invoke(main, ["predict", *flag, str(data / CATEGORY / "test"), "--out", str(outs[name]),
+                                           "--save-maps"])
+        assert result.exit_code == 0, result.output
+    rows = {n: list(csv.DictReader((o / "scores.csv").open())) for n, o in outs.items()}
+    assert [r["decision"] for r in rows["torch"]] == [r["decision"] for r in rows["onnx"]]
+    for a, b in zip(rows["torch"], rows["onnx"]):
+        assert abs(float(a["score"]) - float(b["score"])) <= 1e-4
+    for npy in outs["torch"].rglob("*.npy"):
+        other = outs["onnx"] / npy.relative_to(outs["torch"])
+        assert np.abs(np.load(npy) - np.load(other)).max() <= 1e-4
+
+
+def test_predict_needs_exactly_one_model(trained, tmp_path):
+    data, run = trained
+    result = CliRunner().invoke(main, ["predict", str(data)])
+    assert result.exit_code != 0 and "exactly one of --run" in result.output

@@ -45,3 +45,22 @@ def test_anchor_on_bottle_matches_its_reference_behaviour():
     metrics, _ = evaluate(anchor, mvtec_samples(root, "bottle", "test"), progress=False)
     assert metrics["image_auroc"] > 0.95
     assert metrics["pixel_auroc"] > 0.95
+
+
+def test_onnx_parity_on_real_test_images(tmp_path):
+    import torch
+
+    from hdm.data import list_images
+    from hdm.export import OnnxDetector, export_onnx
+    from hdm.model import HDM, to_model_input
+
+    root = real_dataset("mvtec_ad", "bottle")
+    model = HDM(HDMConfig()).eval()  # default 256^2; parity does not depend on training
+    export_onnx(model, tmp_path / "m.onnx")
+    paths = [p for folder in ("good", "broken_large", "contamination") for p in list_images(root / "bottle" / "test" / folder)[:2]]
+    images = to_model_input(load_images_resized(paths, 256))
+    with torch.no_grad():
+        maps, scores = model(images)
+    onnx_maps, onnx_scores = OnnxDetector(tmp_path / "m.onnx")(images)
+    assert (maps - onnx_maps).abs().max().item() <= 1e-4
+    assert (scores - onnx_scores).abs().max().item() <= 1e-4

@@ -124,19 +124,33 @@ def test_command(run, data, category):
 
 
 @main.command("predict")
-@click.option("--run", type=click.Path(path_type=Path), required=True)
+@click.option("--run", type=click.Path(path_type=Path), help="Run folder of a trained model.")
+@click.option("--model", "onnx_model", type=click.Path(path_type=Path), help="An exported .onnx model instead of --run.")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), help="Output folder (default RUN/predictions).")
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder (default RUN/predictions, or beside the .onnx file).")
 @click.option("--save-maps", is_flag=True, help="Also write each raw anomaly map as float32 .npy at the image's size.")
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @_fail_cleanly
-def predict_command(run, paths, out, save_maps, batch_size):
+def predict_command(run, onnx_model, paths, out, save_maps, batch_size):
     """Score images (files or folders): overlays, masks, scores.csv."""
     from .predict import predict_paths
-    from .store import load_model
 
-    model, _ = load_model(run / MODEL_FILE)
-    out = out or run / "predictions"
+    if (run is None) == (onnx_model is None):
+        raise HDMInputError("give exactly one of --run RUN or --model MODEL.onnx")
+    if batch_size < 1:
+        raise HDMInputError(f"--batch-size must be at least 1, not {batch_size}")
+    if onnx_model is not None:
+        from .export import OnnxDetector
+
+        if not onnx_model.is_file():
+            raise HDMInputError(f"{onnx_model}: model file not found")
+        model = OnnxDetector(onnx_model)
+        out = out or onnx_model.parent / "predictions"
+    else:
+        from .store import load_model
+
+        model, _ = load_model(run / MODEL_FILE)
+        out = out or run / "predictions"
     rows, errors = predict_paths(model, list(paths), out, save_maps, batch_size)
     flagged = sum(r["decision"] == "defect" for r in rows)
     click.echo(f"predict: {len(rows)} images, {flagged} flagged as defective; outputs in {out}", err=True)
@@ -145,6 +159,21 @@ def predict_command(run, paths, out, save_maps, batch_size):
         for error in errors:
             click.echo(f"  {error}", err=True)
         sys.exit(1)
+
+
+@main.command("export")
+@click.option("--run", type=click.Path(path_type=Path), required=True)
+@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The .onnx file to write.")
+@_fail_cleanly
+def export_command(run, fmt, out):
+    """Export the whole inference path (uint8 images in; map and score out) to one file."""
+    from .export import export_onnx
+    from .store import load_model
+
+    model, _ = load_model(run / MODEL_FILE)
+    export_onnx(model, out)
+    click.echo(f"export: wrote {out} ({fmt}, input uint8 Bx{model.image_size}x{model.image_size}x3)", err=True)
 
 
 @main.command("demo")

@@ -58,7 +58,8 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float, alpha: 
 def top_k_mean(values: torch.Tensor, fraction: float) -> torch.Tensor:
     """Mean of the largest `fraction` of each sample's values (the max when fraction is 0)."""
     flat = values.flatten(1)
-    k = max(1, int(round(fraction * flat.shape[1])))
+    # int() first: under ONNX tracing shapes are tensors, and the exported k must be a constant.
+    k = max(1, int(fraction * int(flat.shape[1]) + 0.5))
     return flat.topk(k, dim=1).values.mean(1)
 
 

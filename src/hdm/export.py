@@ -1,0 +1,68 @@
+"""ONNX export of the whole inference path, and an onnxruntime detector with the `HDM` contract.
+
+The graph takes B x S x S x 3 uint8 images (what any decoder gives) and does everything else
+inside: scaling and ImageNet normalisation, the frozen encoder, DDM denoising with the stored
+noise draw, the head, upsampling, smoothing and the top-k image score.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import HDMInputError
+from .model import HDM
+from .store import write_bytes_atomic
+
+OPSET = 17
+
+
+class ExportGraph(nn.Module):
+    def __init__(self, model: HDM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model(images.permute(0, 3, 1, 2).float() / 255.0)
+
+
+def export_onnx(model: HDM, path: Path) -> None:
+    size = model.image_size
+    example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # The TorchScript exporter warns about its own deprecation and about shapes it freezes (by design here).
+        warnings.simplefilter("ignore")
+        # The wrapper must be in eval mode itself: the exporter restores its mode recursively afterwards.
+        torch.onnx.export(ExportGraph(model).eval(), (example,), buffer, input_names=["images"],
+                          output_names=["map", "score"], dynamic_axes={"images": {0: "batch"}, "map": {0: "batch"},
+                                                                       "score": {0: "batch"}},
+                          opset_version=OPSET, dynamo=False)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+class OnnxDetector:
+    """Runs an exported graph with onnxruntime; called like `HDM` (float images in [0, 1])."""
+
+    def __init__(self, path: Path):
+        import onnxruntime
+
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
+            raise HDMInputError(f"{path}: not a loadable ONNX model ({exc.__class__.__name__})") from None
+        shape = self.session.get_inputs()[0].shape
+        if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
+            raise HDMInputError(f"{path}: not an hdm export (input shape {shape})")
+        self.image_size = int(shape[1])
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # The inputs came from uint8 pixels, so this round trip is exact.
+        pixels = (images.permute(0, 2, 3, 1) * 255.0).round().to(torch.uint8).numpy()
+        maps, scores = self.session.run(None, {"images": np.ascontiguousarray(pixels)})
+        return torch.from_numpy(maps), torch.from_numpy(scores)
