@@ -1,4 +1,4 @@
-"""Speed and memory benchmark: model inference, the encoder and the anchor, and `hdm predict` end to end.
+"""Speed and memory benchmark: model inference (torch and ONNX), the encoder, the anchor, and `hdm predict`.
 
     .venv/bin/python bench/speed.py [--run RUN] [--repeats 5] [--out bench/results/speed.md]
 
@@ -24,6 +24,7 @@ import torch
 from hdm.anchor import NearestNeighbourAnchor
 from hdm.config import HDMConfig
 from hdm.data import list_images, load_images_resized
+from hdm.export import OnnxDetector, export_onnx
 from hdm.model import HDM, to_model_input
 from hdm.store import load_model, save_checkpoint
 
@@ -85,6 +86,8 @@ def main() -> None:
     rows = {}
     rows["HDM model, batch 16"] = median_rate(batched(model, images, 16), n, args.repeats)
     rows["HDM model, batch 1"] = median_rate(batched(model, images[:16], 1), 16, args.repeats)
+    export_onnx(model, work / "model.onnx")
+    rows["HDM exported, onnxruntime, batch 16"] = median_rate(batched(OnnxDetector(work / "model.onnx"), images, 16), n, args.repeats)
     rows["frozen encoder alone, batch 16"] = median_rate(batched(model.space, images, 16), n, args.repeats)
     anchor = NearestNeighbourAnchor(model.space).eval()
     anchor.fit(load_images_resized(list_images(DATA / "train" / "good"), model.image_size))
