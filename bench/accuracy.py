@@ -19,7 +19,8 @@ import torch
 
 from hdm.anchor import NearestNeighbourAnchor
 from hdm.config import HDMConfig
-from hdm.data import load_images_resized, mvtec_samples, normal_samples
+from hdm.data import load_images_resized
+from hdm.layouts import DataSource
 from hdm.inference import evaluate
 from hdm.metrics import METRIC_KEYS
 from hdm.space import FeatureSpace
@@ -50,15 +51,17 @@ def configured(overrides: dict, steps: int | None, seed: int) -> HDMConfig:
 def run_anchor(root: Path, category: str, config: HDMConfig) -> dict:
     started = time.perf_counter()
     anchor = NearestNeighbourAnchor(FeatureSpace(config.space), config.ddm.smooth_sigma, config.ddm.top_k).eval()
-    anchor.fit(load_images_resized([s.path for s in normal_samples(root, category)], config.space.image_size))
-    metrics, _ = evaluate(anchor, mvtec_samples(root, category, "test"), progress=False)
+    source = DataSource.detect(root, category)
+    anchor.fit(load_images_resized([s.path for s in source.train_samples()], config.space.image_size))
+    metrics, _ = evaluate(anchor, source.test_samples(), progress=False)
     return {**metrics, "train_seconds": 0.0, "total_seconds": time.perf_counter() - started}
 
 
 def run_hdm(root: Path, category: str, config: HDMConfig) -> dict:
-    model, history = fit(config, [s.path for s in normal_samples(root, category)], progress=False,
+    source = DataSource.detect(root, category)
+    model, history = fit(config, [s.path for s in source.train_samples()], progress=False,
                          log=lambda m: print(m, file=sys.stderr))
-    metrics, _ = evaluate(model, mvtec_samples(root, category, "test"), progress=False)
+    metrics, _ = evaluate(model, source.test_samples(), progress=False)
     return {**metrics, "train_seconds": history.seconds, "tau_final": history.summary()["tau"],
             "rejected_fraction": history.summary()["rejected_fraction"]}
 

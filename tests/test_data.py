@@ -3,7 +3,8 @@ import pytest
 from PIL import Image
 
 from conftest import save
-from hdm.data import HDMInputError, list_images, load_image, load_mask, mvtec_samples, normal_samples
+from hdm.data import HDMInputError, list_images, load_image, load_mask
+from hdm.layouts import DataSource, mvtec_samples
 
 
 def test_every_mode_becomes_three_channel_uint8(tmp_path):
@@ -47,7 +48,7 @@ def test_masks_are_binarised_and_resized(tmp_path):
 
 
 def test_mvtec_layout(tiny_mvtec):
-    train = normal_samples(tiny_mvtec, "cat")
+    train = DataSource.detect(tiny_mvtec, "cat").train_samples()
     assert len(train) == 3 and all(s.label == 0 for s in train)
     test = mvtec_samples(tiny_mvtec, "cat", "test")
     assert [s.label for s in test] == [1, 1, 0]
@@ -65,10 +66,10 @@ def test_plain_folder_and_empty_folder(tmp_path):
     save(tmp_path / "imgs" / "sub" / "b.PNG", np.zeros((16, 16, 3), np.uint8))
     (tmp_path / "imgs" / "readme.txt").write_text("x")
     assert [p.name for p in list_images(tmp_path / "imgs")] == ["a.jpg", "b.PNG"]
-    assert len(normal_samples(tmp_path / "imgs", None)) == 2
+    assert len(DataSource.detect(tmp_path / "imgs", None).train_samples()) == 2
     (tmp_path / "empty").mkdir()
     with pytest.raises(HDMInputError, match="empty: no normal training images"):
-        normal_samples(tmp_path / "empty", None)
+        DataSource.detect(tmp_path / "empty", None).train_samples()
 
 
 def test_the_network_is_blocked_inside_tests():

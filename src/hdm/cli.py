@@ -6,11 +6,15 @@ import functools
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from .config import HDMConfig
-from .data import HDMInputError, mvtec_samples, normal_samples
+from .data import HDMInputError
+
+if TYPE_CHECKING:
+    from .layouts import DataSource
 
 MODEL_FILE = "model.pt"
 
@@ -49,35 +53,52 @@ def build_config(backbone: str, image_size: int, steps: int | None, batch_size: 
     return config
 
 
-def run_fit(config: HDMConfig, data: Path, category: str | None, run: Path, overwrite: bool) -> None:
+def data_source(data: Path | None, category: str | None, normal_dir: Path | None = None,
+                abnormal_dir: Path | None = None, mask_dir: Path | None = None,
+                normal_test_dir: Path | None = None) -> "DataSource":
+    """--data [--category] for MVTec-like, VisA and plain folders; --normal-dir etc. for generic folders."""
+    from .layouts import DataSource
+
+    folders = (normal_dir, abnormal_dir, mask_dir, normal_test_dir)
+    if data is not None and any(folders):
+        raise HDMInputError("give either --data or --normal-dir (with --abnormal-dir, --mask-dir, --normal-test-dir), not both")
+    if data is not None:
+        return DataSource.detect(data, category)
+    if normal_dir is None:
+        raise HDMInputError("give --data ROOT [--category NAME] or --normal-dir FOLDER")
+    return DataSource("folders", normal_dir=normal_dir, abnormal_dir=abnormal_dir, mask_dir=mask_dir,
+                      normal_test_dir=normal_test_dir)
+
+
+def run_fit(config: HDMConfig, source: "DataSource", run: Path, overwrite: bool) -> None:
     from .store import save_checkpoint, write_json
     from .train import fit
 
     checkpoint = run / MODEL_FILE
     if checkpoint.exists() and not overwrite:
         raise HDMInputError(f"{run}: run folder already holds a model (use --overwrite to replace it)")
-    samples = normal_samples(data, category)
-    click.echo(f"fit: {len(samples)} normal images from {data}" + (f" ({category})" if category else ""), err=True)
+    samples = source.train_samples()
+    click.echo(f"fit: {len(samples)} normal images from {source.describe()}", err=True)
     model, history = fit(config, [s.path for s in samples], log=lambda m: click.echo(m, err=True))
-    source = {"data": str(data.resolve()), "category": category, "train_images": len(samples)}
-    save_checkpoint(checkpoint, config, model.trained_state(), {"source": source, "training": history.summary()})
-    write_json(run / "train_log.json", {"source": source, "summary": history.summary(), "losses": history.losses[::10]})
+    extra = {"source": source.to_dict(), "train_images": len(samples), "training": history.summary()}
+    save_checkpoint(checkpoint, config, model.trained_state(), extra)
+    write_json(run / "train_log.json", {**extra, "losses": history.losses[::10]})
     click.echo(f"fit: done in {history.seconds:.0f}s, model saved to {checkpoint}", err=True)
 
 
-def run_test(run: Path, data: Path | None, category: str | None) -> dict[str, float]:
+def run_test(run: Path, source: "DataSource | None") -> dict[str, float]:
     from .inference import evaluate
+    from .layouts import DataSource
     from .store import load_model, write_json
 
     model, extra = load_model(run / MODEL_FILE)
-    source = extra.get("source", {})
-    data = data or (Path(source["data"]) if source.get("data") else None)
-    category = category or source.get("category")
-    if data is None or category is None:
-        raise HDMInputError(f"{run}: give --data and --category: the run was not trained on an MVTec-layout category")
+    if source is None:
+        if "source" not in extra:
+            raise HDMInputError(f"{run}: the run does not say what it was trained on: give --data/--category")
+        source = DataSource.from_dict(extra["source"])
     started = time.perf_counter()
-    metrics, predictions = evaluate(model, mvtec_samples(data, category, "test"))
-    result = {**metrics, "test_images": len(predictions), "category": category, "data": str(data),
+    metrics, predictions = evaluate(model, source.test_samples())
+    result = {**metrics, "test_images": len(predictions), "source": source.to_dict(),
               "seconds": time.perf_counter() - started}
     write_json(run / "metrics.json", result)
     return metrics
@@ -94,10 +115,26 @@ _size = click.option("--image-size", type=int, default=256, show_default=True, h
 _seed = click.option("--seed", type=int, default=0, show_default=True, help="Makes the run reproducible.")
 
 
+_data = click.option("--data", type=click.Path(path_type=Path),
+                     help="MVTec AD / MPDD / BTAD / VisA root (with --category), or a plain folder of normal images.")
+_category = click.option("--category", help="Category (object) inside --data.")
+
+
+def _folders(func):
+    for option in reversed([
+        click.option("--normal-dir", type=click.Path(path_type=Path), help="Generic layout: normal training images."),
+        click.option("--abnormal-dir", type=click.Path(path_type=Path), help="Generic layout: defective test images."),
+        click.option("--mask-dir", type=click.Path(path_type=Path), help="Generic layout: masks, matched by stem (with or without _mask)."),
+        click.option("--normal-test-dir", type=click.Path(path_type=Path), help="Generic layout: normal test images."),
+    ]):
+        func = option(func)
+    return func
+
+
 @main.command("fit")
-@click.option("--data", type=click.Path(path_type=Path), required=True,
-              help="MVTec-layout root (with --category) or a plain folder of normal images.")
-@click.option("--category", help="Category inside an MVTec-layout root.")
+@_data
+@_category
+@_folders
 @click.option("--out", "run", type=click.Path(path_type=Path), required=True, help="Run folder to create.")
 @click.option("--steps", type=int, help="Training steps (default from the configuration).")
 @click.option("--batch-size", type=int)
@@ -106,20 +143,25 @@ _seed = click.option("--seed", type=int, default=0, show_default=True, help="Mak
 @_seed
 @click.option("--overwrite", is_flag=True, help="Replace a model already in the run folder.")
 @_fail_cleanly
-def fit_command(data, category, run, steps, batch_size, backbone, image_size, seed, overwrite):
+def fit_command(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir, run, steps, batch_size,
+                backbone, image_size, seed, overwrite):
     """Train on normal images only."""
     config = build_config(backbone, image_size, steps, batch_size, seed)
-    run_fit(config, data, category, run, overwrite)
+    source = data_source(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir)
+    run_fit(config, source, run, overwrite)
 
 
 @main.command("test")
 @click.option("--run", type=click.Path(path_type=Path), required=True)
-@click.option("--data", type=click.Path(path_type=Path), help="Defaults to the data the run was trained on.")
-@click.option("--category")
+@_data
+@_category
+@_folders
 @_fail_cleanly
-def test_command(run, data, category):
-    """Evaluate on the test split and write RUN/metrics.json."""
-    metrics = run_test(run, data, category)
+def test_command(run, data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir):
+    """Evaluate on the test split (by default the run's own data) and write RUN/metrics.json."""
+    given = data is not None or normal_dir is not None
+    source = data_source(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir) if given else None
+    metrics = run_test(run, source)
     click.echo(metrics_table(metrics, "model"))
 
 
@@ -193,8 +235,8 @@ def demo_command(out, steps, seed):
         make_default_dataset(data, seed=seed)
     run = out / "run"
     config = build_config("lite0", 256, steps, None, seed)
-    run_fit(config, data, CATEGORY, run, overwrite=True)
-    metrics = run_test(run, data, CATEGORY)
+    run_fit(config, data_source(data, CATEGORY), run, overwrite=True)
+    metrics = run_test(run, None)
     model, _ = load_model(run / MODEL_FILE)
     rows, _ = predict_paths(model, [data / CATEGORY / "test"], run / "predictions")
     click.echo(f"predictions for {len(rows)} test images in {run / 'predictions'}", err=True)

@@ -24,6 +24,7 @@ class Sample:
     label: int  # 0 normal, 1 defective
     mask_path: Path | None = None
     defect_type: str = "good"
+    mask_nonzero: bool = False  # VisA-style masks: any non-zero value is defect (else > 127)
 
 
 def is_image(path: Path) -> bool:
@@ -72,8 +73,12 @@ def load_image(path: Path) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def load_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    """Read a ground-truth mask as a boolean HxW array matching the image shape."""
+def load_mask(path: Path, shape: tuple[int, int], nonzero: bool = False) -> np.ndarray:
+    """Read a ground-truth mask as a boolean HxW array matching the image shape.
+
+    Masks are binarised at half range (anti-aliased or JPEG-saved 0/255 masks stay clean), or at
+    any non-zero value for layouts that store labels as small integers.
+    """
     try:
         with Image.open(path) as img:
             array = np.asarray(img.convert("L"))
@@ -84,7 +89,7 @@ def load_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
     if array.shape != shape:
         resized = Image.fromarray(array).resize((shape[1], shape[0]), Image.NEAREST)
         array = np.asarray(resized)
-    return array > 127
+    return array > 0 if nonzero else array > 127
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
@@ -98,41 +103,6 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     if mask.shape == (size, size):
         return mask
     return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 127
-
-
-def mvtec_samples(root: Path, category: str, split: str) -> list[Sample]:
-    """Samples of one category in the MVTec AD layout: `train/good`, `test/<type>`, `ground_truth/<type>`."""
-    base = root / category
-    if not base.is_dir():
-        raise HDMInputError(f"{base}: category folder not found")
-    split_dir = base / split
-    if not split_dir.is_dir():
-        raise HDMInputError(f"{split_dir}: no '{split}' split in this dataset")
-    samples = []
-    for type_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-        normal = type_dir.name in ("good", "ok")
-        for image_path in list_images(type_dir):
-            if normal:
-                samples.append(Sample(image_path, 0))
-                continue
-            mask_path = base / "ground_truth" / type_dir.name / f"{image_path.stem}_mask.png"
-            if not mask_path.is_file():
-                raise HDMInputError(f"{image_path}: defect image has no mask (expected {mask_path})")
-            samples.append(Sample(image_path, 1, mask_path, type_dir.name))
-    if not samples:
-        raise HDMInputError(f"{split_dir}: no images found")
-    return samples
-
-
-def normal_samples(data: Path, category: str | None) -> list[Sample]:
-    """Training samples: `train/good` of an MVTec-layout category, or every image of a plain folder."""
-    if category is not None:
-        samples = [s for s in mvtec_samples(data, category, "train") if s.label == 0]
-    else:
-        samples = [Sample(p, 0) for p in list_images(data)]
-    if not samples:
-        raise HDMInputError(f"{data}: no normal training images found")
-    return samples
 
 
 def load_images_resized(paths: Iterable[Path], size: int, workers: int = 2) -> np.ndarray:

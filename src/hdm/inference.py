@@ -44,7 +44,8 @@ def evaluate(model: HDM, samples: list[Sample], batch_size: int = 16, progress: 
         if prediction.error:
             raise HDMInputError(prediction.error)
         sample = prediction.sample
-        mask = (load_mask(sample.mask_path, prediction.shape) if sample.mask_path else np.zeros(prediction.shape, bool))
+        mask = (load_mask(sample.mask_path, prediction.shape, sample.mask_nonzero) if sample.mask_path
+                else np.zeros(prediction.shape, bool))
         masks.append(resize_mask(mask, size))
         maps.append(prediction.map)
         predictions.append(prediction)
