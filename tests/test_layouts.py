@@ -63,13 +63,18 @@ def test_visa_one_class_split(tmp_path):
         DataSource.detect(root, "pcb1").train_samples()
 
 
+def generic_tree(root, normal_count):
+    """normal/, normal_test/t0.png, bad/a.png with masks/a_mask.png."""
+    for i in range(normal_count):
+        save(root / "normal" / f"n{i}.png", image())
+    save(root / "normal_test" / "t0.png", image())
+    save(root / "bad" / "a.png", image())
+    save(root / "masks" / "a_mask.png", mask())
+
+
 def test_generic_folders_match_masks_by_stem(tmp_path):
-    for i in range(3):
-        save(tmp_path / "normal" / f"n{i}.png", image())
-    save(tmp_path / "normal_test" / "t0.png", image())
-    save(tmp_path / "bad" / "a.png", image())
+    generic_tree(tmp_path, 3)
     save(tmp_path / "bad" / "b.jpg", image())
-    save(tmp_path / "masks" / "a_mask.png", mask())
     save(tmp_path / "masks" / "b.png", mask())
     assert set(mask_index(tmp_path / "masks")) == {"a", "b"}
     source = DataSource("folders", normal_dir=tmp_path / "normal", abnormal_dir=tmp_path / "bad",
@@ -83,11 +88,7 @@ def test_generic_folders_match_masks_by_stem(tmp_path):
 
 
 def test_cli_generic_folders_end_to_end(tmp_path):
-    for i in range(4):
-        save(tmp_path / "normal" / f"n{i}.png", image())
-    save(tmp_path / "normal_test" / "t0.png", image())
-    save(tmp_path / "bad" / "a.png", image())
-    save(tmp_path / "masks" / "a_mask.png", mask())
+    generic_tree(tmp_path, 4)
     folders = ["--normal-dir", str(tmp_path / "normal"), "--abnormal-dir", str(tmp_path / "bad"),
                "--mask-dir", str(tmp_path / "masks"), "--normal-test-dir", str(tmp_path / "normal_test")]
     run = tmp_path / "run"

@@ -32,7 +32,7 @@ def is_image(path: Path) -> bool:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Every image below `folder`, sorted, following no symlinked folders twice."""
+    """Every image below `folder`, sorted; symlinked folders are not followed, so links cannot loop."""
     if not folder.is_dir():
         raise HDMInputError(f"{folder}: not a folder")
     found = []

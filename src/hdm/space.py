@@ -80,7 +80,7 @@ class FeatureSpace(nn.Module):
 
     def train(self, mode: bool = True) -> "FeatureSpace":
         super().train(mode)
-        self.encoder.eval()  # frozen: never let BatchNorm-free blocks change behaviour either
+        self.encoder.eval()  # frozen: no block may switch to training-only behaviour (drop-connect)
         return self
 
     def raw_features(self, images: torch.Tensor) -> torch.Tensor:
