@@ -25,6 +25,7 @@ from hdm.anchor import NearestNeighbourAnchor
 from hdm.config import HDMConfig
 from hdm.data import list_images, load_images_resized
 from hdm.export import OnnxDetector, export_onnx
+from hdm.inference import calibrate
 from hdm.model import HDM, to_model_input
 from hdm.store import load_model, save_checkpoint
 
@@ -77,6 +78,8 @@ def main() -> None:
         run = args.run
     else:
         model = HDM(HDMConfig()).eval()
+        # Thresholds do not change the cost, but predict and export need a calibrated model.
+        calibrate(model, list_images(DATA / "train" / "good")[:20], model.config.calibration.target_fpr, progress=False)
         run = work / "run"
         save_checkpoint(run / "model.pt", model.config, model.trained_state())
     paths = sorted(p for p in list_images(DATA / "test"))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 from hdm.cli import main
 from hdm.metrics import METRIC_KEYS
@@ -45,6 +46,9 @@ def test_test_writes_metrics_in_unit_range(trained):
     for key in METRIC_KEYS:
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["test_images"] == 3 + len(DEFECT_TYPES)
+    assert 0.0 <= metrics["image_recall_at_threshold"] <= 1.0
+    assert metrics["calibration"]["target_fpr"] == pytest.approx(0.01)
+    assert (run / "report.html").read_text().startswith("<!DOCTYPE html>")
 
 
 def test_predict_mirrors_folders_and_saves_maps(trained, tmp_path):
@@ -59,28 +63,55 @@ def test_predict_mirrors_folders_and_saves_maps(trained, tmp_path):
     assert raw.dtype == np.float32 and raw.shape == (96, 96)
     rows = list(csv.DictReader((out / "scores.csv").open()))
     assert len(rows) == 3 + len(DEFECT_TYPES)
-    assert {r["decision"] for r in rows} <= {"ok", "defect"}
-    assert all(0.0 <= float(r["score"]) <= 1.0 for r in rows)
+    assert list(rows[0]) == ["path", "score", "probability", "decision", "defect_pixels", "height", "width"]
+    payload = torch.load(run / "model.pt", weights_only=True)
+    image_threshold = float(payload["state"]["calibration.image_threshold"])
+    pixel_threshold = float(payload["state"]["calibration.pixel_threshold"])
+    for row in rows:
+        score, probability = float(row["score"]), float(row["probability"])
+        assert 0.0 <= score <= 1.0 and 0.0 <= probability <= 1.0
+        assert row["decision"] == ("defect" if score >= image_threshold else "ok")
+    # The binary mask is the raw map cut at the calibrated pixel threshold.
+    mask = np.asarray(Image.open(out / "crack" / "000_mask.png")) > 0
+    assert np.array_equal(mask, raw >= pixel_threshold)
+    assert int(next(r for r in rows if r["path"].endswith("crack/000.png"))["defect_pixels"]) == mask.sum()
 
 
 def test_predict_keeps_going_past_bad_files(trained, tmp_path):
+    from test_bad_input import REFUSED
+
     data, run = trained
     folder = tmp_path / "mixed"
     folder.mkdir()
-    (folder / "broken.png").write_bytes(b"not an image")
+    for name, (payload, _) in REFUSED.items():
+        (folder / name).write_bytes(payload)
     good = data / CATEGORY / "test" / "good" / "000.png"
     (folder / "fine.png").write_bytes(good.read_bytes())
     result = CliRunner().invoke(main, ["predict", "--run", str(run), str(folder), "--out", str(tmp_path / "o")])
     assert result.exit_code == 1
-    assert "broken.png: not a readable image" in result.output
+    assert f"{len(REFUSED)} files could not be read" in result.output
+    for name, (_, problem) in REFUSED.items():
+        assert f"{name}: " in result.output and problem in result.output
     assert (tmp_path / "o" / "fine_overlay.png").is_file()
+    assert len(list(csv.DictReader((tmp_path / "o" / "scores.csv").open()))) == 1
 
 
-def test_bad_options_fail_in_one_line(tmp_path):
-    result = CliRunner().invoke(main, ["fit", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--image-size", "100"])
+@pytest.mark.parametrize("options, message", [
+    (["--image-size", "100"], "image_size must be a multiple of 32"),
+    (["--target-fpr", "0.7"], "target_fpr must lie in (0, 0.5)"),
+    (["--holdout", "1.5"], "holdout must lie in (0, 1)"),
+    (["--checkpoint-every", "0"], "checkpoint_every must be > 0"),
+])
+def test_bad_options_fail_in_one_line_before_any_work(tmp_path, options, message):
+    result = CliRunner().invoke(main, ["fit", "--data", str(tmp_path), "--out", str(tmp_path / "r"), *options])
     assert result.exit_code != 0
-    assert "image_size must be a multiple of 32" in result.output
-    assert "Traceback" not in result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_resume_needs_an_interrupted_run(tmp_path):
+    result = CliRunner().invoke(main, ["fit", "--resume", str(tmp_path / "nothing")])
+    assert result.exit_code != 0 and "no training_state.pt to resume from" in result.output
 
 
 def test_onnx_export_has_parity_with_torch(trained, tmp_path):
@@ -107,3 +138,15 @@ def test_predict_needs_exactly_one_model(trained, tmp_path):
     data, run = trained
     result = CliRunner().invoke(main, ["predict", str(data)])
     assert result.exit_code != 0 and "exactly one of --run" in result.output
+
+
+def test_images_differing_only_by_extension_keep_separate_outputs(trained, tmp_path):
+    data, run = trained
+    good = np.asarray(Image.open(data / CATEGORY / "test" / "good" / "000.png"))
+    Image.fromarray(good).save(tmp_path / "part.png")
+    Image.fromarray(good).save(tmp_path / "part.jpg")
+    result = CliRunner().invoke(main, ["predict", "--run", str(run), str(tmp_path / "part.png"),
+                                       str(tmp_path / "part.jpg"), "--out", str(tmp_path / "o"), "--save-maps"])
+    assert result.exit_code == 0, result.output
+    for name in ("part.png", "part.jpg"):
+        assert (tmp_path / "o" / f"{name}_overlay.png").is_file() and (tmp_path / "o" / f"{name}.npy").is_file()

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
-from hdm.metrics import METRIC_KEYS, aupro, compute_metrics, f1_max
+from hdm.metrics import METRIC_KEYS, aupro, compute_metrics, f1_max, threshold_metrics
 
 
 def test_image_and_pixel_metrics_agree_with_sklearn():
@@ -68,3 +68,18 @@ def test_aupro_with_half_of_a_region_detected():
 def test_aupro_needs_both_classes():
     with pytest.raises(ValueError):
         aupro(np.zeros((1, 4, 4), bool), np.zeros((1, 4, 4)))
+
+
+def test_threshold_metrics_count_what_the_decisions_do():
+    labels = np.array([0, 0, 1, 1])
+    scores = np.array([0.1, 0.6, 0.7, 0.2])
+    maps = np.zeros((4, 2, 2))
+    maps[1, 0, 0] = 0.9  # a normal part with one flagged pixel
+    maps[2] = [[0.9, 0.9], [0.1, 0.1]]
+    masks = np.zeros((4, 2, 2), bool)
+    masks[2, 0] = masks[3, 1] = True
+    out = threshold_metrics(labels, scores, masks, maps, image_threshold=0.5, pixel_threshold=0.5)
+    assert out["image_recall_at_threshold"] == 0.5 and out["image_fpr_at_threshold"] == 0.5
+    assert out["pixel_recall_at_threshold"] == 0.5  # 2 of the 4 defect pixels
+    assert out["pixel_fpr_at_threshold"] == 1 / 12
+    assert out["pixel_normal_part_fpr"] == 0.5

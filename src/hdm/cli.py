@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .layouts import DataSource
 
 MODEL_FILE = "model.pt"
+STATE_FILE = "training_state.pt"  # exists only while a fit is running or was interrupted
 
 
 def _fail_cleanly(func):
@@ -37,10 +38,15 @@ def metrics_table(metrics: dict[str, float], title: str) -> str:
 
     lines = [f"| {title} | " + " | ".join(METRIC_KEYS) + " |", "|---" * (len(METRIC_KEYS) + 1) + "|"]
     lines.append("| HDM | " + " | ".join(f"{metrics[k]:.4f}" for k in METRIC_KEYS) + " |")
+    if "image_recall_at_threshold" in metrics:
+        lines.append(f"\nAt the calibrated thresholds: {metrics['image_recall_at_threshold']:.1%} of defective images "
+                     f"flagged, {metrics['image_fpr_at_threshold']:.1%} false alarms on normal ones; "
+                     f"{metrics['pixel_recall_at_threshold']:.1%} of defect pixels in the masks.")
     return "\n".join(lines)
 
 
-def build_config(backbone: str, image_size: int, steps: int | None, batch_size: int | None, seed: int) -> HDMConfig:
+def build_config(backbone: str, image_size: int, steps: int | None, batch_size: int | None, seed: int,
+                 holdout: float = 0.1, target_fpr: float = 0.01, checkpoint_every: int = 50) -> HDMConfig:
     config = HDMConfig()
     config.space.backbone = backbone
     config.space.image_size = image_size
@@ -49,6 +55,9 @@ def build_config(backbone: str, image_size: int, steps: int | None, batch_size: 
     if batch_size is not None:
         config.train.batch_size = batch_size
     config.train.seed = seed
+    config.train.checkpoint_every = checkpoint_every
+    config.calibration.holdout = holdout
+    config.calibration.target_fpr = target_fpr
     config.validate()
     return config
 
@@ -71,24 +80,74 @@ def data_source(data: Path | None, category: str | None, normal_dir: Path | None
 
 
 def run_fit(config: HDMConfig, source: "DataSource", run: Path, overwrite: bool) -> None:
+    """Split off the calibration hold-out, then train, calibrate and save (see `train_and_save`)."""
+    from .layouts import holdout_split
+
+    if not overwrite:
+        if (run / MODEL_FILE).exists():
+            raise HDMInputError(f"{run}: run folder already holds a model (use --overwrite to replace it)")
+        if (run / STATE_FILE).exists():
+            raise HDMInputError(f"{run}: run folder holds an interrupted training (continue it with "
+                                f"`hdm fit --resume {run}`, or use --overwrite to start again)")
+    samples = source.train_samples()
+    train, holdout = holdout_split([s.path for s in samples], config.calibration.holdout, config.train.seed)
+    click.echo(f"fit: {len(train)} normal images from {source.describe()}, {len(holdout)} held out for calibration",
+               err=True)
+    extra = {"source": source.to_dict(), "train_images": len(train), "holdout": [str(p) for p in holdout]}
+    train_and_save(config, train, holdout, run, extra, resume=False)
+
+
+def resume_fit(run: Path) -> None:
+    """Continue a fit that was interrupted (even by SIGKILL) from its last training-state checkpoint."""
+    from .layouts import DataSource, holdout_split
+    from .store import load_training_state, parse_config
+
+    if (run / MODEL_FILE).exists() and not (run / STATE_FILE).exists():
+        raise HDMInputError(f"{run}: this run already finished; nothing to resume")
+    if not (run / STATE_FILE).exists():
+        raise HDMInputError(f"{run}: no {STATE_FILE} to resume from (the run stopped before its first checkpoint; "
+                            f"start it again with --overwrite)")
+    state = load_training_state(run / STATE_FILE)
+    config, extra = parse_config(run / STATE_FILE, state["config"]), state["extra"]
+    source = DataSource.from_dict(extra["source"])
+    train, holdout = holdout_split([s.path for s in source.train_samples()], config.calibration.holdout,
+                                   config.train.seed)
+    if [str(p) for p in holdout] != extra["holdout"] or len(train) != extra["train_images"]:
+        raise HDMInputError(f"{source.describe()}: the training images changed since this run started; "
+                            f"start again with --overwrite")
+    click.echo(f"fit: resuming {run} from step {state['step']} of {config.train.steps}", err=True)
+    train_and_save(config, train, holdout, run, extra, resume=True)
+
+
+def train_and_save(config: HDMConfig, train: list[Path], holdout: list[Path], run: Path, extra: dict,
+                   resume: bool) -> None:
+    """Train (checkpointing a resumable state), calibrate on the hold-out, then write the model atomically."""
+    from .inference import calibrate
     from .store import save_checkpoint, write_json
     from .train import fit
 
-    checkpoint = run / MODEL_FILE
-    if checkpoint.exists() and not overwrite:
-        raise HDMInputError(f"{run}: run folder already holds a model (use --overwrite to replace it)")
-    samples = source.train_samples()
-    click.echo(f"fit: {len(samples)} normal images from {source.describe()}", err=True)
-    model, history = fit(config, [s.path for s in samples], log=lambda m: click.echo(m, err=True))
-    extra = {"source": source.to_dict(), "train_images": len(samples), "training": history.summary()}
-    save_checkpoint(checkpoint, config, model.trained_state(), extra)
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
+    state_file = run / STATE_FILE
+    model, history = fit(config, train, log=log, state_file=state_file, resume=resume, extra=extra)
+    calibrate(model, holdout, config.calibration.target_fpr)
+    calibration = model.calibration.summary()
+    if len(holdout) < 10:
+        log(f"fit: calibration rests on {len(holdout)} held-out images, so its thresholds are wide; "
+            f"raise --holdout for tighter ones")
+    extra = {**extra, "training": history.summary(), "calibration": calibration}
+    save_checkpoint(run / MODEL_FILE, config, model.trained_state(), extra)
     write_json(run / "train_log.json", {**extra, "losses": history.losses[::10]})
-    click.echo(f"fit: done in {history.seconds:.0f}s, model saved to {checkpoint}", err=True)
+    state_file.unlink(missing_ok=True)
+    log(f"fit: done in {history.seconds:.0f}s, model saved to {run / MODEL_FILE}; image threshold "
+        f"{calibration['image_threshold']:.4f}, pixel threshold {calibration['pixel_threshold']:.4f} "
+        f"at target false-alarm rate {config.calibration.target_fpr}")
 
 
 def run_test(run: Path, source: "DataSource | None") -> dict[str, float]:
+    """Evaluate the run on labelled test data; writes metrics.json and report.html into the run."""
     from .inference import evaluate
     from .layouts import DataSource
+    from .report import write_report
     from .store import load_model, write_json
 
     model, extra = load_model(run / MODEL_FILE)
@@ -97,11 +156,15 @@ def run_test(run: Path, source: "DataSource | None") -> dict[str, float]:
             raise HDMInputError(f"{run}: the run does not say what it was trained on: give --data/--category")
         source = DataSource.from_dict(extra["source"])
     started = time.perf_counter()
-    metrics, predictions = evaluate(model, source.test_samples())
-    result = {**metrics, "test_images": len(predictions), "source": source.to_dict(),
-              "seconds": time.perf_counter() - started}
+    calibration = model.calibration
+    thresholds = (float(calibration.image_threshold), float(calibration.pixel_threshold))
+    evaluation = evaluate(model, source.test_samples(), thresholds=thresholds)
+    result = {**evaluation.metrics, "test_images": len(evaluation.predictions), "source": source.to_dict(),
+              "calibration": calibration.summary(), "seconds": time.perf_counter() - started}
     write_json(run / "metrics.json", result)
-    return metrics
+    write_report(run / "report.html", evaluation, thresholds, title=f"hdm test: {source.describe()}",
+                 image_size=model.image_size)
+    return evaluation.metrics
 
 
 @click.group()
@@ -135,18 +198,33 @@ def _folders(func):
 @_data
 @_category
 @_folders
-@click.option("--out", "run", type=click.Path(path_type=Path), required=True, help="Run folder to create.")
+@click.option("--out", "run", type=click.Path(path_type=Path), help="Run folder to create.")
+@click.option("--resume", "resume_run", type=click.Path(path_type=Path),
+              help="Continue the interrupted fit in this run folder (its data and settings are stored in it).")
 @click.option("--steps", type=int, help="Training steps (default from the configuration).")
 @click.option("--batch-size", type=int)
 @_backbone
 @_size
 @_seed
+@click.option("--holdout", type=float, default=0.1, show_default=True,
+              help="Fraction of the normal images held out of training to calibrate the thresholds.")
+@click.option("--target-fpr", type=float, default=0.01, show_default=True,
+              help="False-alarm rate on normal parts that the image and pixel thresholds aim for.")
+@click.option("--checkpoint-every", type=int, default=50, show_default=True,
+              help="Steps between resumable checkpoints of the training state.")
 @click.option("--overwrite", is_flag=True, help="Replace a model already in the run folder.")
 @_fail_cleanly
-def fit_command(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir, run, steps, batch_size,
-                backbone, image_size, seed, overwrite):
-    """Train on normal images only."""
-    config = build_config(backbone, image_size, steps, batch_size, seed)
+def fit_command(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir, run, resume_run, steps,
+                batch_size, backbone, image_size, seed, holdout, target_fpr, checkpoint_every, overwrite):
+    """Train on normal images only, then calibrate on the held-out ones."""
+    if resume_run is not None:
+        if run is not None or data is not None or normal_dir is not None:
+            raise HDMInputError("--resume RUN takes its data and settings from the run: give no --out or data options")
+        resume_fit(resume_run)
+        return
+    if run is None:
+        raise HDMInputError("give --out RUN (a new run folder) or --resume RUN")
+    config = build_config(backbone, image_size, steps, batch_size, seed, holdout, target_fpr, checkpoint_every)
     source = data_source(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir)
     run_fit(config, source, run, overwrite)
 
@@ -163,6 +241,7 @@ def test_command(run, data, category, normal_dir, abnormal_dir, mask_dir, normal
     source = data_source(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir) if given else None
     metrics = run_test(run, source)
     click.echo(metrics_table(metrics, "model"))
+    click.echo(f"test: metrics in {run / 'metrics.json'}, report in {run / 'report.html'}", err=True)
 
 
 @main.command("predict")
@@ -239,6 +318,7 @@ def demo_command(out, steps, seed):
     metrics = run_test(run, None)
     model, _ = load_model(run / MODEL_FILE)
     rows, _ = predict_paths(model, [data / CATEGORY / "test"], run / "predictions")
-    click.echo(f"predictions for {len(rows)} test images in {run / 'predictions'}", err=True)
+    click.echo(f"predictions for {len(rows)} test images in {run / 'predictions'}; report in {run / 'report.html'}",
+               err=True)
     click.echo(metrics_table(metrics, CATEGORY))
     click.echo(f"total {time.perf_counter() - started:.0f}s", err=True)

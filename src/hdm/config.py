@@ -84,6 +84,15 @@ class TrainConfig:
     ema_decay: float = 0.995
     seed: int = 0
     augment_flip: bool = True
+    checkpoint_every: int = 50  # steps between resumable training-state checkpoints
+
+
+@dataclass
+class CalibrationConfig:
+    """POM, discrimination side: thresholds fitted on held-out normal images only."""
+
+    holdout: float = 0.1  # fraction of the normal training images kept out of training
+    target_fpr: float = 0.01  # false-alarm rate on normal parts, for image and pixel thresholds
 
 
 @dataclass
@@ -94,6 +103,7 @@ class HDMConfig:
     ddm: DDMConfig = field(default_factory=DDMConfig)
     pom: POMConfig = field(default_factory=POMConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -129,6 +139,9 @@ class HDMConfig:
             (0.0 <= self.ddm.top_k < 1.0, "ddm.top_k must lie in [0, 1)"),
             (self.train.steps > 0 and self.train.batch_size > 0, "train.steps and train.batch_size must be > 0"),
             (self.pom.change_low < self.pom.change_high, "pom.change_low must be below pom.change_high"),
+            (self.train.checkpoint_every > 0, "train.checkpoint_every must be > 0"),
+            (0.0 < self.calibration.holdout < 1.0, "calibration.holdout must lie in (0, 1)"),
+            (0.0 < self.calibration.target_fpr < 0.5, "calibration.target_fpr must lie in (0, 0.5)"),
         ]
         for ok, message in checks:
             if not ok:

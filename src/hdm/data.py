@@ -52,10 +52,29 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     return np.clip(array.astype(np.float64) / high * 255.0, 0, 255).astype(np.uint8)
 
 
-def load_image(path: Path) -> np.ndarray:
-    """Decode any common image into an HxWx3 uint8 RGB array (EXIF orientation applied)."""
+# JPEGs above this many pixels are decoded at a reduced scale (DCT scaling in the decoder), so a
+# 6000x4000 photo never becomes a full bitmap in memory; the long side stays >= REDUCED_LONG_SIDE.
+LARGE_IMAGE_PIXELS = 12_000_000
+REDUCED_LONG_SIDE = 2048
+_TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+
+
+def decode_image(path: Path) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode any common image into (H'xW'x3 uint8 RGB pixels, the image's own (H, W)).
+
+    EXIF orientation is applied to both. H'xW' equals (H, W) except for very large JPEGs, which
+    are decoded at a reduced scale. Animated images give their first frame.
+    """
     try:
+        if path.stat().st_size == 0:
+            raise HDMInputError(f"{path}: empty file (0 bytes)")
         with Image.open(path) as img:
+            width, height = img.size
+            if img.format == "JPEG" and width * height > LARGE_IMAGE_PIXELS:
+                scale = REDUCED_LONG_SIDE / max(width, height)
+                img.draft(img.mode, (max(1, int(width * scale)), max(1, int(height * scale))))
+            if img.getexif().get(0x0112) in _TRANSPOSED_ORIENTATIONS:
+                width, height = height, width
             img = ImageOps.exif_transpose(img)
             if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 gray = _to_uint8(np.asarray(img))
@@ -66,20 +85,29 @@ def load_image(path: Path) -> np.ndarray:
                 array = np.asarray(img.convert("RGB"))
     except FileNotFoundError:
         raise HDMInputError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise HDMInputError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc})") from None
-    if array.shape[0] < 8 or array.shape[1] < 8:
-        raise HDMInputError(f"{path}: image is {array.shape[1]}x{array.shape[0]}, too small (at least 8x8)")
-    return np.ascontiguousarray(array)
+    if height < 8 or width < 8:
+        raise HDMInputError(f"{path}: image is {width}x{height}, too small (at least 8x8)")
+    return np.ascontiguousarray(array), (height, width)
+
+
+def load_image(path: Path) -> np.ndarray:
+    """Decode an image into HxWx3 uint8 RGB (reduced for very large JPEGs, see `decode_image`)."""
+    return decode_image(path)[0]
 
 
 def load_mask(path: Path, shape: tuple[int, int], nonzero: bool = False) -> np.ndarray:
-    """Read a ground-truth mask as a boolean HxW array matching the image shape.
+    """Read a ground-truth mask as a boolean HxW array matching the image's (H, W).
 
     Masks are binarised at half range (anti-aliased or JPEG-saved 0/255 masks stay clean), or at
-    any non-zero value for layouts that store labels as small integers.
+    any non-zero value for layouts that store labels as small integers. A mask at another
+    resolution with the image's aspect ratio is resized; any other shape is refused, since it
+    almost always means the mask belongs to another image.
     """
     try:
+        if path.stat().st_size == 0:
+            raise HDMInputError(f"{path}: mask is an empty file (0 bytes)")
         with Image.open(path) as img:
             array = np.asarray(img.convert("L"))
     except FileNotFoundError:
@@ -87,8 +115,10 @@ def load_mask(path: Path, shape: tuple[int, int], nonzero: bool = False) -> np.n
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise HDMInputError(f"{path}: mask is not a readable image ({exc.__class__.__name__})") from None
     if array.shape != shape:
-        resized = Image.fromarray(array).resize((shape[1], shape[0]), Image.NEAREST)
-        array = np.asarray(resized)
+        if abs(array.shape[1] / array.shape[0] - shape[1] / shape[0]) > 0.01 * shape[1] / shape[0]:
+            raise HDMInputError(f"{path}: mask is {array.shape[1]}x{array.shape[0]} but its image is "
+                                f"{shape[1]}x{shape[0]} (different aspect ratio)")
+        array = np.asarray(Image.fromarray(array).resize((shape[1], shape[0]), Image.NEAREST))
     return array > 0 if nonzero else array > 127
 
 
@@ -118,7 +148,7 @@ class DecodedBatch:
     images: np.ndarray  # B x size x size x 3 uint8, zeros where decoding failed
     shapes: list[tuple[int, int]]  # each image's own (H, W)
     errors: list[str | None]
-    originals: list[np.ndarray | None]  # full-size images, only when asked for
+    originals: list[np.ndarray | None]  # decoded images (see `decode_image`), only when asked for
 
 
 def iter_batches(samples: list[Sample], size: int, batch_size: int, keep_originals: bool = False) -> Iterator[DecodedBatch]:
@@ -130,10 +160,10 @@ def iter_batches(samples: list[Sample], size: int, batch_size: int, keep_origina
 
     def decode(sample: Sample) -> tuple[np.ndarray, tuple[int, int], str | None, np.ndarray | None]:
         try:
-            image = load_image(sample.path)
+            image, shape = decode_image(sample.path)
         except HDMInputError as exc:
             return np.zeros((size, size, 3), np.uint8), (size, size), str(exc), None
-        return resize_image(image, size), image.shape[:2], None, image if keep_originals else None
+        return resize_image(image, size), shape, None, image if keep_originals else None
 
     def decode_batch(chunk: list[Sample]) -> DecodedBatch:
         decoded = [decode(s) for s in chunk]

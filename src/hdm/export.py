@@ -2,7 +2,9 @@
 
 The graph takes B x S x S x 3 uint8 images (what any decoder gives) and does everything else
 inside: scaling and ImageNet normalisation, the frozen encoder, DDM denoising with the stored
-noise draw, the head, upsampling, smoothing and the top-k image score.
+noise draw, the head, upsampling, smoothing, the top-k image score and the calibration (probability
+and decision). The pixel threshold for binary masks, which are made at each image's own size
+outside the graph, travels in the model's metadata.
 """
 
 from __future__ import annotations
@@ -27,12 +29,18 @@ class ExportGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model(images.permute(0, 3, 1, 2).float() / 255.0)
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.model.detect(images.permute(0, 3, 1, 2).float() / 255.0)
+
+
+OUTPUTS = ["map", "score", "probability", "decision"]
 
 
 def export_onnx(model: HDM, path: Path) -> None:
+    import onnx
+
     size = model.image_size
+    pixel_threshold = model.pixel_threshold  # refuses an uncalibrated model before any work
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
@@ -40,10 +48,12 @@ def export_onnx(model: HDM, path: Path) -> None:
         warnings.simplefilter("ignore")
         # The wrapper must be in eval mode itself: the exporter restores its mode recursively afterwards.
         torch.onnx.export(ExportGraph(model).eval(), (example,), buffer, input_names=["images"],
-                          output_names=["map", "score"], dynamic_axes={"images": {0: "batch"}, "map": {0: "batch"},
-                                                                       "score": {0: "batch"}},
+                          output_names=OUTPUTS, dynamic_axes={name: {0: "batch"} for name in ["images", *OUTPUTS]},
                           opset_version=OPSET, dynamo=False)
-    write_bytes_atomic(path, buffer.getvalue())
+    graph = onnx.load_from_string(buffer.getvalue())
+    onnx.helper.set_model_props(graph, {"hdm.pixel_threshold": repr(pixel_threshold),
+                                        **{f"hdm.{k}": repr(v) for k, v in model.calibration.summary().items()}})
+    write_bytes_atomic(path, graph.SerializeToString())
 
 
 class OnnxDetector:
@@ -60,9 +70,15 @@ class OnnxDetector:
         if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
             raise HDMInputError(f"{path}: not an hdm export (input shape {shape})")
         self.image_size = int(shape[1])
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        if [o.name for o in self.session.get_outputs()] != OUTPUTS or "hdm.pixel_threshold" not in metadata:
+            raise HDMInputError(f"{path}: not an hdm export with calibration (re-export it with this hdm)")
+        self.pixel_threshold = float(metadata["hdm.pixel_threshold"])
 
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def detect(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # The inputs came from uint8 pixels, so this round trip is exact.
         pixels = (images.permute(0, 2, 3, 1) * 255.0).round().to(torch.uint8).numpy()
-        maps, scores = self.session.run(None, {"images": np.ascontiguousarray(pixels)})
-        return torch.from_numpy(maps), torch.from_numpy(scores)
+        return tuple(torch.from_numpy(o) for o in self.session.run(None, {"images": np.ascontiguousarray(pixels)}))
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.detect(images)[:2]

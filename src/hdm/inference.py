@@ -1,16 +1,17 @@
-"""Batched inference over samples, with decoding overlapped and memory bounded by the batch."""
+"""Batched inference, evaluation and calibration, with decoding overlapped and memory bounded by the batch."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from .data import HDMInputError, Sample, iter_batches, load_mask, resize_mask
-from .metrics import compute_metrics
+from .metrics import compute_metrics, threshold_metrics
 from .model import HDM, to_model_input
 
 
@@ -21,23 +22,44 @@ class Prediction:
     score: float
     shape: tuple[int, int]  # the image's own (H, W)
     error: str | None = None
-    image: np.ndarray | None = None  # the decoded original, when asked for
+    image: np.ndarray | None = None  # the decoded image, when asked for
+    probability: float | None = None  # calibrated outputs, when asked for
+    decision: bool | None = None
 
 
 def predict_samples(model: HDM, samples: list[Sample], batch_size: int = 16, progress: bool = True,
-                    desc: str = "predict", keep_images: bool = False) -> Iterator[Prediction]:
-    """`model` is an `HDM` in eval mode, or anything with its contract (`image_size`, images -> maps, scores)."""
+                    desc: str = "predict", keep_images: bool = False, calibrated: bool = False) -> Iterator[Prediction]:
+    """`model` is an `HDM` in eval mode, or anything with its contract: `image_size`, images -> (maps,
+    scores) and, with `calibrated`, `detect`: images -> (maps, scores, probabilities, decisions)."""
     with torch.inference_mode(), tqdm(total=len(samples), desc=desc, disable=not progress, leave=False) as bar:
         for batch in iter_batches(samples, model.image_size, batch_size, keep_originals=keep_images):
-            maps, scores = model(to_model_input(batch.images))
+            x = to_model_input(batch.images)
+            if calibrated:
+                maps, scores, probabilities, decisions = model.detect(x)
+            else:
+                (maps, scores), probabilities, decisions = model(x), None, None
             for i, sample in enumerate(batch.samples):
                 yield Prediction(sample, maps[i, 0].numpy(), float(scores[i]), batch.shapes[i], batch.errors[i],
-                                 batch.originals[i])
+                                 batch.originals[i],
+                                 None if probabilities is None else float(probabilities[i]),
+                                 None if decisions is None else bool(decisions[i]))
             bar.update(len(batch.samples))
 
 
-def evaluate(model: HDM, samples: list[Sample], batch_size: int = 16, progress: bool = True) -> tuple[dict[str, float], list[Prediction]]:
-    """Metrics on a labelled test set, at model size against nearest-resized masks."""
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    predictions: list[Prediction]
+    labels: np.ndarray  # N
+    scores: np.ndarray  # N
+    masks: np.ndarray  # N x S x S bool, at model size
+    maps: np.ndarray  # N x S x S float32
+
+
+def evaluate(model: HDM, samples: list[Sample], batch_size: int = 16, progress: bool = True,
+             thresholds: tuple[float, float] | None = None) -> Evaluation:
+    """Metrics on a labelled test set, at model size against nearest-resized masks; with
+    (image, pixel) `thresholds`, also the recall and false-alarm rates of the decisions."""
     size = model.image_size
     predictions, maps, masks = [], [], []
     for prediction in predict_samples(model, samples, batch_size, progress, desc="test"):
@@ -51,4 +73,19 @@ def evaluate(model: HDM, samples: list[Sample], batch_size: int = 16, progress: 
         predictions.append(prediction)
     labels = np.array([p.sample.label for p in predictions])
     scores = np.array([p.score for p in predictions])
-    return compute_metrics(labels, scores, np.stack(masks), np.stack(maps)), predictions
+    masks_array, maps_array = np.stack(masks), np.stack(maps)
+    metrics = compute_metrics(labels, scores, masks_array, maps_array)
+    if thresholds is not None:
+        metrics |= threshold_metrics(labels, scores, masks_array, maps_array, *thresholds)
+    return Evaluation(metrics, predictions, labels, scores, masks_array, maps_array)
+
+
+def calibrate(model: HDM, paths: list[Path], target_fpr: float, batch_size: int = 16, progress: bool = True) -> None:
+    """POM's calibration on held-out normal images: fit the model's score-to-probability mapping and thresholds."""
+    scores, maxima = [], []
+    for prediction in predict_samples(model, [Sample(p, 0) for p in paths], batch_size, progress, desc="calibrate"):
+        if prediction.error:
+            raise HDMInputError(prediction.error)
+        scores.append(prediction.score)
+        maxima.append(float(prediction.map.max()))
+    model.calibration.fit(np.array(scores), np.array(maxima), target_fpr)

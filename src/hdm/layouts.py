@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .data import IMAGE_EXTENSIONS, HDMInputError, Sample, list_images
 
 NORMAL_NAMES = ("good", "ok")
@@ -146,3 +148,15 @@ class DataSource:
     def from_dict(cls, data: dict[str, Any]) -> "DataSource":
         paths = {"root", "normal_dir", "abnormal_dir", "mask_dir", "normal_test_dir"}
         return cls(**{k: (Path(v) if k in paths and v is not None else v) for k, v in data.items()})
+
+
+def holdout_split(paths: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
+    """(train, holdout): a seeded random `fraction` (at least 2 images) kept out of training for calibration."""
+    n_holdout = max(2, round(fraction * len(paths)))
+    if len(paths) - n_holdout < 1:
+        raise HDMInputError(f"{paths[0].parent}: {len(paths)} normal images are too few (calibration holds out "
+                            f"{n_holdout} and training needs at least 1)")
+    # A generator of its own, so the split never shifts the training randomness.
+    order = np.random.default_rng([seed, 7919]).permutation(len(paths))
+    held = set(order[:n_holdout].tolist())
+    return ([p for i, p in enumerate(paths) if i not in held], [p for i, p in enumerate(paths) if i in held])

@@ -70,3 +70,23 @@ def compute_metrics(image_labels: np.ndarray, image_scores: np.ndarray, masks: n
         "image_f1max": f1_max(image_labels, image_scores),
         "pixel_f1max": f1_max(pixel_labels, pixel_scores),
     }
+
+
+def threshold_metrics(image_labels: np.ndarray, image_scores: np.ndarray, masks: np.ndarray, maps: np.ndarray,
+                      image_threshold: float, pixel_threshold: float) -> dict[str, float]:
+    """What the calibrated decisions do on a labelled set: recall and false-alarm rates at the thresholds.
+
+    `pixel_normal_part_fpr` is the fraction of normal images whose binary mask is not empty, the
+    rate the pixel threshold was calibrated for.
+    """
+    labels = np.asarray(image_labels).astype(bool)
+    flagged = np.asarray(image_scores) >= image_threshold
+    masked = maps >= pixel_threshold
+    rate = lambda values: float(values.mean()) if values.size else float("nan")  # noqa: E731
+    return {
+        "image_recall_at_threshold": rate(flagged[labels]),
+        "image_fpr_at_threshold": rate(flagged[~labels]),
+        "pixel_recall_at_threshold": rate(masked[masks]),
+        "pixel_fpr_at_threshold": rate(masked[~masks]),
+        "pixel_normal_part_fpr": rate(masked[~labels].reshape(int((~labels).sum()), -1).any(1)),
+    }

@@ -9,6 +9,7 @@ from .config import HDMConfig
 from .ddm import DDM
 from .denoiser import Denoiser
 from .diffusion import GaussianDiffusion
+from .pom import Calibration
 from .space import build_space
 
 
@@ -31,6 +32,7 @@ class HDM(nn.Module):
         self.ddm = DDM(config.ddm, self.diffusion, channels)
         generator = torch.Generator().manual_seed(config.train.seed)
         self.register_buffer("noise", torch.randn(1, channels, grid, grid, generator=generator))
+        self.calibration = Calibration()
 
     @property
     def image_size(self) -> int:
@@ -41,6 +43,18 @@ class HDM(nn.Module):
         z = self.space(images)
         logits = self.ddm.logits(z, self.denoiser, self.noise.expand_as(z))
         return self.ddm.postprocess(self.space.to_pixels(torch.sigmoid(logits)))
+
+    @property
+    def pixel_threshold(self) -> float:
+        """Map value above which a pixel belongs to the binary defect mask."""
+        if not self.calibration.fitted:
+            raise ValueError("the model has no calibration (it was not made by `hdm fit`)")
+        return float(self.calibration.pixel_threshold)
+
+    def detect(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward` plus the calibrated probability and the ok/defect decision per image."""
+        maps, scores = self(images)
+        return maps, scores, self.calibration.probability(scores), self.calibration.decision(scores)
 
     def trained_state(self) -> dict[str, torch.Tensor]:
         """Everything learned or fitted; the frozen encoder is rebuilt from its package instead."""

@@ -3,14 +3,20 @@
 Generation side: the hybrid objective L_simple + lambda * L_vlb that learns Sigma_theta on normal
 samples, and the quality control of synthetic samples (reject those whose masked change is too
 small to be a defect or absurdly large, and adapt tau to keep samples in that band).
-Discrimination side: focal + smooth-L1 between the probability map and the mask, and an
-image-level term that ties the top-k map score to the label.
+Discrimination side: focal + smooth-L1 between the probability map and the mask, an
+image-level term that ties the top-k map score to the label, and the calibration of scores into
+probabilities and thresholds from held-out normal images only.
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import stats
+from torch import nn
 
 from .config import POMConfig
 from .diffusion import GaussianDiffusion
@@ -73,3 +79,66 @@ def map_losses(logits: torch.Tensor, mask: torch.Tensor, label: torch.Tensor, co
         "l1": config.lambda_l1 * F.smooth_l1_loss(prob, mask),
         "image": config.lambda_image * F.binary_cross_entropy_with_logits(image_logit, label),
     }
+
+
+def logit(p: torch.Tensor) -> torch.Tensor:
+    p = p.clamp(1e-6, 1 - 1e-6)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def fit_normal_tail(values: np.ndarray, target_fpr: float) -> tuple[float, float, float]:
+    """(loc, scale, threshold) for scores of normal parts, from n >= 2 held-out values.
+
+    Scores live in (0, 1); their logits are modelled as Gaussian. The threshold is the upper
+    (1 - target_fpr) prediction bound for a *new* normal part, which uses Student's t with n - 1
+    degrees of freedom: with few held-out images it is wider, not falsely tight. `scale` is chosen
+    so that Phi((logit(threshold) - loc) / scale) = 1 - target_fpr exactly, which lets the graph
+    compute probabilities with erf alone.
+    """
+    x = logit(torch.as_tensor(values, dtype=torch.float64)).numpy()
+    n = len(x)
+    if n < 2:
+        raise ValueError("calibration needs at least 2 held-out normal images")
+    loc = float(x.mean())
+    spread = max(float(x.std(ddof=1)), 1e-3)
+    bound = float(stats.t.ppf(1 - target_fpr, n - 1)) * math.sqrt(1 + 1 / n) * spread
+    scale = bound / float(stats.norm.ppf(1 - target_fpr))
+    threshold = 1.0 / (1.0 + math.exp(-(loc + bound)))
+    return loc, scale, threshold
+
+
+class Calibration(nn.Module):
+    """Raw scores -> anomaly probability, decision and binary mask; fitted on normal parts only.
+
+    The probability is P(a normal part scores below this one) under the fitted normal-score
+    distribution, so `probability >= 1 - target_fpr` is the same decision as `score >= threshold`.
+    The pixel threshold is fitted on each held-out image's map maximum: a normal part gets a
+    non-empty mask with probability target_fpr.
+    """
+
+    def __init__(self):
+        super().__init__()
+        for name, value in (("image_loc", 0.0), ("image_scale", 1.0), ("image_threshold", 1.0),
+                            ("pixel_loc", 0.0), ("pixel_scale", 1.0), ("pixel_threshold", 1.0),
+                            ("target_fpr", 0.0)):
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float32))
+
+    @property
+    def fitted(self) -> bool:
+        return bool(self.target_fpr > 0)
+
+    def fit(self, image_scores: np.ndarray, map_maxima: np.ndarray, target_fpr: float) -> None:
+        for prefix, values in (("image", image_scores), ("pixel", map_maxima)):
+            for name, value in zip(("loc", "scale", "threshold"), fit_normal_tail(values, target_fpr)):
+                getattr(self, f"{prefix}_{name}").fill_(value)
+        self.target_fpr.fill_(target_fpr)
+
+    def probability(self, scores: torch.Tensor) -> torch.Tensor:
+        u = (logit(scores) - self.image_loc) / self.image_scale
+        return 0.5 * (1.0 + torch.erf(u / math.sqrt(2.0)))
+
+    def decision(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores >= self.image_threshold
+
+    def summary(self) -> dict[str, float]:
+        return {name: float(value) for name, value in self.named_buffers()}

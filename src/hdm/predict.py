@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,9 @@ def resolve_targets(paths: list[Path]) -> list[Target]:
             raise HDMInputError(f"{path}: no such file or folder")
     if not targets:
         raise HDMInputError(f"{', '.join(map(str, paths))}: no images found")
+    # Images that differ only by extension (a.png, a.jpg) keep it in their output names.
+    counts = Counter(t.relative for t in targets)
+    targets = [Target(t.source, t.relative.with_name(t.source.name)) if counts[t.relative] > 1 else t for t in targets]
     seen: dict[Path, Path] = {}
     for target in targets:
         if target.relative in seen:
@@ -60,35 +64,43 @@ def resolve_targets(paths: list[Path]) -> list[Target]:
     return targets
 
 
-def write_outputs(prediction: Prediction, target: Target, out: Path, save_maps: bool, threshold: float) -> dict:
-    image = prediction.image
+SCORE_COLUMNS = ["path", "score", "probability", "decision", "defect_pixels", "height", "width"]
+
+
+def write_outputs(prediction: Prediction, target: Target, out: Path, save_maps: bool, pixel_threshold: float) -> dict:
+    """Overlay (at the decoded size), binary mask and raw map (at the image's own size), and the scores row."""
     values = resize_map(prediction.map, prediction.shape)
-    overlay = (0.5 * image.astype(np.float32) + 0.5 * colourise(values).astype(np.float32)).astype(np.uint8)
+    mask = values >= pixel_threshold
+    image = prediction.image
+    shown = values if image.shape[:2] == prediction.shape else resize_map(prediction.map, image.shape[:2])
+    overlay = (0.5 * image.astype(np.float32) + 0.5 * colourise(shown).astype(np.float32)).astype(np.uint8)
     stem = out / target.relative
     write_png(stem.with_name(stem.name + "_overlay.png"), overlay)
-    write_png(stem.with_name(stem.name + "_mask.png"), ((values >= threshold) * 255).astype(np.uint8))
+    write_png(stem.with_name(stem.name + "_mask.png"), mask.astype(np.uint8) * 255)
     if save_maps:
-        write_npy(stem.with_suffix(".npy"), values.astype(np.float32))
+        write_npy(stem.with_name(stem.name + ".npy"), values)
     return {"path": str(target.source), "score": f"{prediction.score:.6f}",
-            "decision": "defect" if prediction.score >= threshold else "ok",
-            "height": prediction.shape[0], "width": prediction.shape[1]}
+            "probability": f"{prediction.probability:.6f}", "decision": "defect" if prediction.decision else "ok",
+            "defect_pixels": int(mask.sum()), "height": prediction.shape[0], "width": prediction.shape[1]}
 
 
 def predict_paths(model: HDM, paths: list[Path], out: Path, save_maps: bool = False, batch_size: int = 16,
-                  threshold: float = 0.5, progress: bool = True) -> tuple[list[dict], list[str]]:
-    """Predict every image under `paths`; returns (rows of scores.csv, errors of unreadable files)."""
+                  progress: bool = True) -> tuple[list[dict], list[str]]:
+    """Predict every image under `paths` with a calibrated model (an `HDM` or an `OnnxDetector`);
+    returns (rows of scores.csv, errors of unreadable files)."""
+    pixel_threshold = model.pixel_threshold
     targets = resolve_targets(paths)
     samples = [Sample(t.source, 0) for t in targets]
     rows, errors = [], []
-    for prediction, target in zip(predict_samples(model, samples, batch_size, progress, keep_images=True), targets):
+    predictions = predict_samples(model, samples, batch_size, progress, keep_images=True, calibrated=True)
+    for prediction, target in zip(predictions, targets):
         if prediction.error:
             errors.append(prediction.error)
             continue
-        rows.append(write_outputs(prediction, target, out, save_maps, threshold))
+        rows.append(write_outputs(prediction, target, out, save_maps, pixel_threshold))
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["path", "score", "decision", "height", "width"])
+    writer = csv.DictWriter(buffer, fieldnames=SCORE_COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
     write_bytes_atomic(out / "scores.csv", buffer.getvalue().encode())
     return rows, errors
-

@@ -17,13 +17,26 @@ from .config import HDMConfig
 from .data import HDMInputError
 
 CHECKPOINT_FORMAT = "hdm-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: calibration buffers and configuration
+TRAINING_STATE_FORMAT = "hdm-training-state"
+TRAINING_STATE_VERSION = 1
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp makes files private (0600); written files get the usual permissions instead.
+FILE_MODE = 0o666 & ~_umask()
 
 
 def write_bytes_atomic(path: Path, payload: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()
@@ -50,37 +63,53 @@ def write_npy(path: Path, array: np.ndarray) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def save_checkpoint(path: Path, config: HDMConfig, state: dict[str, torch.Tensor], extra: dict[str, Any] | None = None) -> None:
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "config": config.to_dict(),
-        "state": state,
-        "extra": extra or {},
-    }
+def _save_payload(path: Path, payload: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def load_checkpoint(path: Path) -> tuple[HDMConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a checkpoint with weights_only=True; refuse anything that is not an hdm checkpoint."""
+def _load_payload(path: Path, fmt: str, version: int, what: str) -> dict[str, Any]:
+    """Read a torch file with weights_only=True and check that it is `fmt` at `version`."""
     if not path.is_file():
-        raise HDMInputError(f"{path}: checkpoint not found")
+        raise HDMInputError(f"{path}: {what} not found")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for foreign or corrupt files
-        raise HDMInputError(f"{path}: not a loadable hdm checkpoint ({exc.__class__.__name__})") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise HDMInputError(f"{path}: not an hdm checkpoint")
-    if payload.get("version") != CHECKPOINT_VERSION:
-        raise HDMInputError(f"{path}: checkpoint format version {payload.get('version')} is not supported "
-                            f"(this hdm reads version {CHECKPOINT_VERSION})")
+        raise HDMInputError(f"{path}: not a loadable hdm {what} ({exc.__class__.__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise HDMInputError(f"{path}: not an hdm {what}")
+    if payload.get("version") != version:
+        raise HDMInputError(f"{path}: {what} format version {payload.get('version')} is not supported "
+                            f"(this hdm reads version {version})")
+    return payload
+
+
+def save_checkpoint(path: Path, config: HDMConfig, state: dict[str, torch.Tensor], extra: dict[str, Any] | None = None) -> None:
+    _save_payload(path, {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": config.to_dict(),
+                         "state": state, "extra": extra or {}})
+
+
+def parse_config(path: Path, data: Any) -> HDMConfig:
     try:
-        config = HDMConfig.from_dict(payload["config"])
+        return HDMConfig.from_dict(data)
     except (TypeError, ValueError) as exc:
-        raise HDMInputError(f"{path}: checkpoint configuration is invalid ({exc})") from None
-    return config, payload["state"], payload.get("extra", {})
+        raise HDMInputError(f"{path}: stored configuration is invalid ({exc})") from None
+
+
+def load_checkpoint(path: Path) -> tuple[HDMConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a checkpoint with weights_only=True; refuse anything that is not an hdm checkpoint."""
+    payload = _load_payload(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "checkpoint")
+    return parse_config(path, payload["config"]), payload["state"], payload.get("extra", {})
+
+
+def save_training_state(path: Path, state: dict[str, Any]) -> None:
+    _save_payload(path, {"format": TRAINING_STATE_FORMAT, "version": TRAINING_STATE_VERSION, **state})
+
+
+def load_training_state(path: Path) -> dict[str, Any]:
+    """The state an interrupted `fit` resumes from (same safety checks as a checkpoint)."""
+    return _load_payload(path, TRAINING_STATE_FORMAT, TRAINING_STATE_VERSION, "training state")
 
 
 def load_model(path: Path):

@@ -22,6 +22,7 @@ from .data import load_images_resized
 from .model import HDM, to_model_input
 from .pom import adapt_tau, filter_samples, hybrid_loss, map_losses, masked_change
 from .space import FeatureSpace
+from .store import load_training_state, save_training_state
 
 
 def seed_everything(seed: int) -> None:
@@ -48,6 +49,10 @@ class TrainingLog:
     synthetic: int = 0
     seconds: float = 0.0
 
+    def to_dict(self) -> dict:
+        return {"losses": self.losses, "tau": self.tau, "rejected": self.rejected, "synthetic": self.synthetic,
+                "seconds": self.seconds}
+
     def summary(self) -> dict[str, float]:
         last = self.losses[-50:]
         mean = {k: float(np.mean([row[k] for row in last])) for k in last[0]} if last else {}
@@ -72,9 +77,54 @@ def build_appearance_pool(space: FeatureSpace, images: np.ndarray, config: HDMCo
     return z.view(*shape, *z.shape[1:]), torch.stack(masks).view(*shape, 1, space.grid, space.grid)
 
 
-def fit(config: HDMConfig, paths: list[Path], progress: bool = True,
-        log: Callable[[str], None] = print) -> tuple[HDM, TrainingLog]:
-    """Train HDM on normal images only."""
+@dataclass
+class TrainingParts:
+    """Everything whose state a resumed run must get back exactly."""
+
+    denoiser: torch.nn.Module
+    head: torch.nn.Module
+    ema: torch.nn.Module
+    optimiser: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    dagm: DAGM
+    rng: np.random.Generator
+    generator: torch.Generator
+    history: TrainingLog
+
+    def state(self, step: int) -> dict:
+        return {
+            "step": step,
+            "denoiser": self.denoiser.state_dict(), "head": self.head.state_dict(), "ema": self.ema.state_dict(),
+            "optimiser": self.optimiser.state_dict(), "schedule": self.schedule.state_dict(), "tau": self.dagm.tau,
+            "rng": self.rng.bit_generator.state, "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+            "history": self.history.to_dict(),
+        }
+
+    def restore(self, state: dict) -> int:
+        """Load a saved state; returns the step to continue from."""
+        self.denoiser.load_state_dict(state["denoiser"])
+        self.head.load_state_dict(state["head"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimiser.load_state_dict(state["optimiser"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.dagm.tau = state["tau"]
+        self.rng.bit_generator.state = state["rng"]
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        self.history = TrainingLog(**state["history"])
+        return int(state["step"])
+
+
+def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callable[[str], None] = print,
+        state_file: Path | None = None, resume: bool = False, extra: dict | None = None) -> tuple[HDM, TrainingLog]:
+    """Train HDM on normal images only.
+
+    With `state_file`, the full training state (weights, EMA, optimiser, schedule, tau, every RNG
+    and the log) is written there atomically every `train.checkpoint_every` steps, with `extra`
+    beside it; `resume=True` continues from it and ends with the same model as an uninterrupted run.
+    """
     config.validate()
     seed_everything(config.train.seed)
     rng = np.random.default_rng(config.train.seed)
@@ -97,14 +147,22 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True,
     optimiser = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.train.lr, total_steps=config.train.steps,
                                                    pct_start=0.05)
-    dagm = DAGM(config.dagm, diffusion, space.grid)
-    history = TrainingLog()
+    parts = TrainingParts(denoiser, head, ema, optimiser, schedule, DAGM(config.dagm, diffusion, space.grid),
+                          rng, generator, TrainingLog())
+    first = 0
+    if resume:
+        if state_file is None:
+            raise ValueError("resume needs the training state file")
+        first = parts.restore(load_training_state(state_file))
+        log(f"resuming at step {first} of {config.train.steps}")
+    dagm, history = parts.dagm, parts.history
+    previous_seconds = history.seconds
     denoiser.train()
     head.train()
 
     steps = config.train.steps
     batch_size = config.train.batch_size
-    bar = tqdm(range(steps), desc="train", disable=not progress)
+    bar = tqdm(range(first, steps), desc="train", disable=not progress, initial=first, total=steps)
     for step in bar:
         index = torch.from_numpy(rng.integers(len(images), size=batch_size))
         pick = torch.from_numpy(rng.integers(app_z.shape[1], size=batch_size))
@@ -155,8 +213,12 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True,
         history.tau.append(dagm.tau)
         if step % 25 == 0:
             bar.set_postfix(simple=f"{row['simple']:.3f}", focal=f"{row['focal']:.4f}", tau=f"{dagm.tau:.2f}")
+        if state_file is not None and (step + 1) % config.train.checkpoint_every == 0 and step + 1 < steps:
+            history.seconds = previous_seconds + time.perf_counter() - started
+            save_training_state(state_file, {**parts.state(step + 1), "config": config.to_dict(),
+                                             "extra": extra or {}})
 
     model.denoiser.load_state_dict(ema.state_dict())
     model.eval()
-    history.seconds = time.perf_counter() - started
+    history.seconds = previous_seconds + time.perf_counter() - started
     return model, history
