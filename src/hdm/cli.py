@@ -90,6 +90,8 @@ def run_fit(config: HDMConfig, source: "DataSource", run: Path, overwrite: bool)
             raise HDMInputError(f"{run}: run folder holds an interrupted training (continue it with "
                                 f"`hdm fit --resume {run}`, or use --overwrite to start again)")
     samples = source.train_samples()
+    # Starting over: a stale state of the replaced run must never be resumed into this one.
+    (run / STATE_FILE).unlink(missing_ok=True)
     train, holdout = holdout_split([s.path for s in samples], config.calibration.holdout, config.train.seed)
     click.echo(f"fit: {len(train)} normal images from {source.describe()}, {len(holdout)} held out for calibration",
                err=True)
