@@ -53,7 +53,9 @@ def write_json(path: Path, data: Any) -> None:
 
 def write_png(path: Path, array: np.ndarray) -> None:
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
+    # Level 1: written per image on the hot path; measured on bottle predict, level 6 made the whole
+    # process 1.5x slower (12.6 s vs 8.2 s for 83 images) for files 17% smaller.
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
     write_bytes_atomic(path, buffer.getvalue())
 
 
