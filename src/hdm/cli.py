@@ -96,7 +96,7 @@ def run_fit(config: HDMConfig, source: "DataSource", run: Path, overwrite: bool)
     click.echo(f"fit: {len(train)} normal images from {source.describe()}, {len(holdout)} held out for calibration",
                err=True)
     extra = {"source": source.to_dict(), "train_images": len(train), "holdout": [str(p) for p in holdout]}
-    train_and_save(config, train, holdout, run, extra, resume=False)
+    train_and_save(config, train, holdout, run, extra, resume_from=None)
 
 
 def resume_fit(run: Path) -> None:
@@ -118,11 +118,11 @@ def resume_fit(run: Path) -> None:
         raise HDMInputError(f"{source.describe()}: the training images changed since this run started; "
                             f"start again with --overwrite")
     click.echo(f"fit: resuming {run} from step {state['step']} of {config.train.steps}", err=True)
-    train_and_save(config, train, holdout, run, extra, resume=True)
+    train_and_save(config, train, holdout, run, extra, resume_from=state)
 
 
 def train_and_save(config: HDMConfig, train: list[Path], holdout: list[Path], run: Path, extra: dict,
-                   resume: bool) -> None:
+                   resume_from: dict | None) -> None:
     """Train (checkpointing a resumable state), calibrate on the hold-out, then write the model atomically."""
     from .inference import calibrate
     from .store import save_checkpoint, write_json
@@ -130,7 +130,7 @@ def train_and_save(config: HDMConfig, train: list[Path], holdout: list[Path], ru
 
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     state_file = run / STATE_FILE
-    model, history = fit(config, train, log=log, state_file=state_file, resume=resume, extra=extra)
+    model, history = fit(config, train, log=log, state_file=state_file, resume_from=resume_from, extra=extra)
     calibrate(model, holdout, config.calibration.target_fpr)
     calibration = model.calibration.summary()
     if len(holdout) < 10:

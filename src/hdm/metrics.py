@@ -88,5 +88,5 @@ def threshold_metrics(image_labels: np.ndarray, image_scores: np.ndarray, masks:
         "image_fpr_at_threshold": rate(flagged[~labels]),
         "pixel_recall_at_threshold": rate(masked[masks]),
         "pixel_fpr_at_threshold": rate(masked[~masks]),
-        "pixel_normal_part_fpr": rate(masked[~labels].reshape(int((~labels).sum()), -1).any(1)),
+        "pixel_normal_part_fpr": rate(masked.reshape(len(labels), -1).any(1)[~labels]),
     }

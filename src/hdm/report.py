@@ -12,6 +12,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_curve
@@ -19,6 +20,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from .data import load_image, resize_image
 from .inference import Evaluation
 from .metrics import METRIC_KEYS
+from .pom import logit
 from .predict import colourise
 from .store import write_bytes_atomic
 
@@ -106,13 +108,9 @@ def thumbnail(image: np.ndarray, values: np.ndarray, truth: np.ndarray, pixel_th
 
 def gallery_order(labels: np.ndarray, scores: np.ndarray, image_threshold: float) -> np.ndarray:
     """Indices sorted worst first: how far each image sits on the wrong side of the threshold (logit units)."""
-    margin = _logit(scores) - _logit(np.array(image_threshold))
+    logits = logit(torch.as_tensor(np.append(scores, image_threshold), dtype=torch.float64)).numpy()
+    margin = logits[:-1] - logits[-1]
     return np.argsort(-np.where(labels == 1, -margin, margin), kind="stable")
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    return np.log(p) - np.log1p(-p)
 
 
 def _outcome(label: int, flagged: bool) -> str:

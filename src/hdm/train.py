@@ -22,7 +22,7 @@ from .data import load_images_resized
 from .model import HDM, to_model_input
 from .pom import adapt_tau, filter_samples, hybrid_loss, map_losses, masked_change
 from .space import FeatureSpace
-from .store import load_training_state, save_training_state
+from .store import save_training_state
 
 
 def seed_everything(seed: int) -> None:
@@ -118,12 +118,14 @@ class TrainingParts:
 
 
 def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callable[[str], None] = print,
-        state_file: Path | None = None, resume: bool = False, extra: dict | None = None) -> tuple[HDM, TrainingLog]:
+        state_file: Path | None = None, resume_from: dict | None = None,
+        extra: dict | None = None) -> tuple[HDM, TrainingLog]:
     """Train HDM on normal images only.
 
     With `state_file`, the full training state (weights, EMA, optimiser, schedule, tau, every RNG
     and the log) is written there atomically every `train.checkpoint_every` steps, with `extra`
-    beside it; `resume=True` continues from it and ends with the same model as an uninterrupted run.
+    beside it; `resume_from` (such a state, read with `store.load_training_state`) continues from it
+    and ends with the same model as an uninterrupted run.
     """
     config.validate()
     seed_everything(config.train.seed)
@@ -150,10 +152,8 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
     parts = TrainingParts(denoiser, head, ema, optimiser, schedule, DAGM(config.dagm, diffusion, space.grid),
                           rng, generator, TrainingLog())
     first = 0
-    if resume:
-        if state_file is None:
-            raise ValueError("resume needs the training state file")
-        first = parts.restore(load_training_state(state_file))
+    if resume_from is not None:
+        first = parts.restore(resume_from)
         log(f"resuming at step {first} of {config.train.steps}")
     dagm, history = parts.dagm, parts.history
     previous_seconds = history.seconds
