@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from hdm.config import POMConfig
-from hdm.pom import adapt_tau, filter_samples, focal_loss, masked_change, top_k_mean
+from hdm.pom import adapt_tau, cell_targets, filter_samples, focal_loss, map_losses, masked_change, top_k_mean
 
 
 def test_masked_change_measures_only_inside_the_mask():
@@ -47,3 +47,23 @@ def test_top_k_mean():
     values = torch.arange(100.0).view(1, 1, 10, 10)
     assert top_k_mean(values, 0.0).item() == 99.0
     assert top_k_mean(values, 0.05).item() == pytest.approx(97.0)
+
+
+def test_partly_covered_cells_become_full_targets_from_the_coverage_threshold():
+    coverage = torch.tensor([0.0, 0.05, 0.125, 0.25, 0.6, 1.0])
+    assert cell_targets(coverage, 0.25).tolist() == pytest.approx([0.0, 0.2, 0.5, 1.0, 1.0, 1.0])
+    assert torch.equal(cell_targets(coverage, 1.0), coverage)  # 1.0: the covered fraction itself
+
+
+def test_map_losses_reward_a_full_answer_on_a_quarter_covered_cell():
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., 1, 1] = 0.25
+    label = torch.ones(1)
+    confident = torch.full((1, 1, 4, 4), -6.0)
+    confident[..., 1, 1] = 6.0
+    timid = confident.clone()
+    timid[..., 1, 1] = float(torch.logit(torch.tensor(0.25)))
+    loss = lambda logits, config: sum(map_losses(logits, mask, label, config, 0.0).values()).item()  # noqa: E731
+    sharp, fractional = POMConfig(full_cell_coverage=0.25, lambda_image=0.0), POMConfig(full_cell_coverage=1.0, lambda_image=0.0)
+    assert loss(confident, sharp) < loss(timid, sharp)
+    assert loss(timid, fractional) < loss(confident, fractional)

@@ -66,6 +66,11 @@ class POMConfig:
     focal_alpha: float = 0.75
     lambda_l1: float = 1.0
     lambda_image: float = 0.5
+    # A z cell counts as fully defective once the synthetic mask covers this fraction of it: the
+    # encoder's receptive field spans far more than one cell, so a defect in a corner of a cell
+    # already changes all of its z. Targets equal to the covered fraction taught the head to
+    # answer weakly on small defects, which then sank among normal cells (bench/results/accuracy.md).
+    full_cell_coverage: float = 0.25
     # Band for the mean squared masked change of a synthetic sample (z is unit-variance).
     change_low: float = 0.25
     change_high: float = 6.0
@@ -139,6 +144,7 @@ class HDMConfig:
             (0.0 <= self.ddm.top_k < 1.0, "ddm.top_k must lie in [0, 1)"),
             (self.train.steps > 0 and self.train.batch_size > 0, "train.steps and train.batch_size must be > 0"),
             (self.pom.change_low < self.pom.change_high, "pom.change_low must be below pom.change_high"),
+            (0.0 < self.pom.full_cell_coverage <= 1.0, "pom.full_cell_coverage must lie in (0, 1]"),
             (self.train.checkpoint_every > 0, "train.checkpoint_every must be > 0"),
             (0.0 < self.calibration.holdout < 1.0, "calibration.holdout must lie in (0, 1)"),
             (0.0 < self.calibration.target_fpr < 0.5, "calibration.target_fpr must lie in (0, 0.5)"),

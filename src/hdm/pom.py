@@ -69,14 +69,20 @@ def top_k_mean(values: torch.Tensor, fraction: float) -> torch.Tensor:
     return flat.topk(k, dim=1).values.mean(1)
 
 
+def cell_targets(coverage: torch.Tensor, full_cell_coverage: float) -> torch.Tensor:
+    """Soft mask (covered fraction of each z cell) -> map target: 1 from `full_cell_coverage` up, linear below."""
+    return (coverage / full_cell_coverage).clamp(max=1.0)
+
+
 def map_losses(logits: torch.Tensor, mask: torch.Tensor, label: torch.Tensor, config: POMConfig,
                top_k: float) -> dict[str, torch.Tensor]:
     """Discrimination-side losses on grid logits against the (soft) grid mask and image labels."""
     prob = torch.sigmoid(logits)
+    target = cell_targets(mask, config.full_cell_coverage)
     image_logit = top_k_mean(logits, top_k)
     return {
-        "focal": focal_loss(logits, mask, config.focal_gamma, config.focal_alpha),
-        "l1": config.lambda_l1 * F.smooth_l1_loss(prob, mask),
+        "focal": focal_loss(logits, target, config.focal_gamma, config.focal_alpha),
+        "l1": config.lambda_l1 * F.smooth_l1_loss(prob, target),
         "image": config.lambda_image * F.binary_cross_entropy_with_logits(image_logit, label),
     }
 
