@@ -32,7 +32,6 @@ DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 CATEGORIES = {"bottle": DATASETS / "mvtec_ad", "metal_plate": DATASETS / "mpdd"}
 
 ABLATIONS = {
-    "HDM (full)": {},
     "DAGM without diffusion content": {"dagm.p_diffusion_max": 0.0},
     "tau = 0": {"dagm.tau": 0.0, "pom.adapt_tau": False},
     "POM filtering off": {"pom.filtering": False},
@@ -102,7 +101,7 @@ def main() -> None:
             sys.exit(f"bench: {root / category} not found")
         runs = [(f"HDM (full), seed {seed}" if len(args.seeds) > 1 else "HDM (full)", {}, seed) for seed in args.seeds]
         if args.ablation and category == "metal_plate":
-            runs += [(name, overrides, args.seeds[0]) for name, overrides in ABLATIONS.items() if overrides]
+            runs += [(name, overrides, args.seeds[0]) for name, overrides in ABLATIONS.items()]
         for name, overrides, seed in runs:
             result = run_hdm(root, category, configured(overrides, args.steps, seed))
             rows.append((category, name, result))

@@ -108,8 +108,8 @@ def thumbnail(image: np.ndarray, values: np.ndarray, truth: np.ndarray, pixel_th
 
 def gallery_order(labels: np.ndarray, scores: np.ndarray, image_threshold: float) -> np.ndarray:
     """Indices sorted worst first: how far each image sits on the wrong side of the threshold (logit units)."""
-    logits = logit(torch.as_tensor(np.append(scores, image_threshold), dtype=torch.float64)).numpy()
-    margin = logits[:-1] - logits[-1]
+    margin = (logit(torch.as_tensor(scores, dtype=torch.float64))
+              - logit(torch.tensor(image_threshold, dtype=torch.float64))).numpy()
     return np.argsort(-np.where(labels == 1, -margin, margin), kind="stable")
 
 
