@@ -36,10 +36,23 @@ def test_about_half_of_each_batch_stays_normal(diffusion):
     assert 0.3 < batch.label.mean().item() < 0.7
     normal = batch.label == 0
     assert torch.equal(batch.z[normal], z0[normal]) and batch.mask[normal].sum() == 0
-    # outside its mask an anomalous sample is untouched
+    assert set(batch.source[batch.label > 0].tolist()) == {1, 2}
+    # diffusion content stays inside its mask; an appearance anomaly keeps its encoded spread
     outside = (batch.mask == 0).expand_as(z0)
-    assert torch.equal(batch.z[outside], z0[outside])
-    assert set(batch.source[batch.label > 0].tolist()) <= {1, 2}
+    made = (batch.source == 1).view(-1, 1, 1, 1).expand_as(z0)
+    assert torch.equal(batch.z[outside & made], z0[outside & made])
+    appearance = batch.source == 2
+    assert torch.equal(batch.z[appearance], app_z[appearance])
+
+
+def test_appearance_anomaly_cut_to_its_mask_without_spread(diffusion):
+    dagm = DAGM(DAGMConfig(p_anomaly=1.0, p_diffusion_max=0.0, appearance_spread=False), diffusion, G)
+    z0 = torch.randn(16, C, G, G)
+    app_z, app_m = torch.randn(16, C, G, G), (torch.rand(16, 1, G, G) > 0.7).float()
+    batch = dagm.make_batch(z0, app_z, app_m, Denoiser(C, 16, 1), 1.0, np.random.default_rng(0),
+                            torch.Generator().manual_seed(0))
+    inside = (app_m > 0).expand_as(z0)
+    assert torch.equal(batch.z[inside], app_z[inside]) and torch.equal(batch.z[~inside], z0[~inside])
 
 
 def test_diffusion_share_ramps_up(diffusion):

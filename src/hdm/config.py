@@ -43,6 +43,11 @@ class DAGMConfig:
     opacity: tuple[float, float] = (0.5, 1.0)
     perlin_threshold: float = 0.5
     appearance_per_image: int = 2  # pixel-space anomalies encoded per training image
+    # Keep the change the encoder's receptive field spreads from an appearance anomaly into cells
+    # outside its mask. Real defects spread the same way and those cells are normal targets, so the
+    # head learns to keep its map inside the defect; cutting z back to the mask taught it that any
+    # change is a defect, which left a halo around real ones (bench/results/accuracy.md ablation).
+    appearance_spread: bool = True
 
 
 @dataclass

@@ -6,7 +6,9 @@ Anomalous training samples with masks, made from normal z_0 only:
   which pushes the sample off the normal manifold;
 - content (b): appearance anomalies made in pixel space (another image's shuffled patches, a foreign
   texture, an intensity shift) and encoded; the share of (a) grows as the denoiser learns;
-- composite inside the mask with random opacity; about half of each batch stays normal.
+- composite with random opacity: (a) inside the mask in z, (b) in pixels, its z taken whole with the
+  change the encoder spreads beyond the mask (those cells stay normal targets); about half of each
+  batch stays normal.
 """
 
 from __future__ import annotations
@@ -150,9 +152,10 @@ class DAGM:
             source[index] = 1
         if use_appearance.any():
             index = use_appearance.nonzero().flatten()
+            # Opacity was applied in pixel space; `appearance_spread` says why z outside the mask is kept.
             m = appearance_mask[index]
-            # Opacity was applied in pixel space; the encoder's receptive field is kept whole here.
-            z[index] = z0[index] + (m > 0).float() * (appearance_z[index] - z0[index])
+            z[index] = appearance_z[index] if self.config.appearance_spread else torch.where(
+                m > 0, appearance_z[index], z0[index])
             mask[index] = m
             source[index] = 2
         label = (mask.flatten(1).amax(1) > 0).float()
