@@ -4,11 +4,12 @@ import torch
 
 from hdm.config import DAGMConfig, DDMConfig
 from hdm.dagm import DAGM, appearance_anomaly, grid_mask, shuffled_patches
-from hdm.ddm import DDM, gaussian_kernel, smooth
+from hdm.ddm import DDM, Refinement, gaussian_kernel, smooth
 from hdm.denoiser import Denoiser
 from hdm.diffusion import GaussianDiffusion
+from hdm.space import Features
 
-C, G = 6, 8
+C, G, M = 6, 8, 16  # z channels, z grid, mask (stride-4) grid
 
 
 @pytest.fixture(scope="module")
@@ -28,17 +29,18 @@ class OracleDenoiser(torch.nn.Module):
 
 
 def test_about_half_of_each_batch_stays_normal(diffusion):
-    dagm = DAGM(DAGMConfig(p_anomaly=0.5), diffusion, G)
+    dagm = DAGM(DAGMConfig(p_anomaly=0.5), diffusion, G, M)
     rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
     z0 = torch.randn(64, C, G, G)
-    app_z, app_m = torch.randn(64, C, G, G), (torch.rand(64, 1, G, G) > 0.7).float()
+    app_z, app_m = torch.randn(64, C, G, G), (torch.rand(64, 1, M, M) > 0.7).float()
     batch = dagm.make_batch(z0, app_z, app_m, Denoiser(C, 16, 1), 1.0, rng, gen)
     assert 0.3 < batch.label.mean().item() < 0.7
+    assert batch.mask.shape == (64, 1, M, M) and batch.z_mask().shape == (64, 1, G, G)
     normal = batch.label == 0
     assert torch.equal(batch.z[normal], z0[normal]) and batch.mask[normal].sum() == 0
     assert set(batch.source[batch.label > 0].tolist()) == {1, 2}
     # diffusion content stays inside its mask; an appearance anomaly keeps its encoded spread
-    outside = (batch.mask == 0).expand_as(z0)
+    outside = (batch.z_mask() == 0).expand_as(z0)
     made = (batch.source == 1).view(-1, 1, 1, 1).expand_as(z0)
     assert torch.equal(batch.z[outside & made], z0[outside & made])
     appearance = batch.source == 2
@@ -46,17 +48,17 @@ def test_about_half_of_each_batch_stays_normal(diffusion):
 
 
 def test_appearance_anomaly_cut_to_its_mask_without_spread(diffusion):
-    dagm = DAGM(DAGMConfig(p_anomaly=1.0, p_diffusion_max=0.0, appearance_spread=False), diffusion, G)
+    dagm = DAGM(DAGMConfig(p_anomaly=1.0, p_diffusion_max=0.0, appearance_spread=False), diffusion, G, M)
     z0 = torch.randn(16, C, G, G)
-    app_z, app_m = torch.randn(16, C, G, G), (torch.rand(16, 1, G, G) > 0.7).float()
+    app_z, app_m = torch.randn(16, C, G, G), (torch.rand(16, 1, M, M) > 0.7).float()
     batch = dagm.make_batch(z0, app_z, app_m, Denoiser(C, 16, 1), 1.0, np.random.default_rng(0),
                             torch.Generator().manual_seed(0))
-    inside = (app_m > 0).expand_as(z0)
+    inside = (torch.nn.functional.max_pool2d(app_m, M // G) > 0).expand_as(z0)
     assert torch.equal(batch.z[inside], app_z[inside]) and torch.equal(batch.z[~inside], z0[~inside])
 
 
 def test_diffusion_share_ramps_up(diffusion):
-    dagm = DAGM(DAGMConfig(p_diffusion_max=0.5, warmup_fraction=0.4), diffusion, G)
+    dagm = DAGM(DAGMConfig(p_diffusion_max=0.5, warmup_fraction=0.4), diffusion, G, M)
     assert dagm.diffusion_share(0.0) == 0.0 and dagm.diffusion_share(0.2) == 0.0
     assert 0 < dagm.diffusion_share(0.3) < 0.5 and dagm.diffusion_share(0.9) == 0.5
 
@@ -65,7 +67,7 @@ def test_diffusion_content_spreads_more_with_larger_tau(diffusion):
     z0 = torch.zeros(256, C, G, G)
     spreads = []
     for tau in (0.0, 4.0):
-        dagm = DAGM(DAGMConfig(t_a=400, reverse_steps=4), diffusion, G)
+        dagm = DAGM(DAGMConfig(t_a=400, reverse_steps=4), diffusion, G, M)
         dagm.tau = tau
         out = dagm.diffusion_content(z0, OracleDenoiser(diffusion, z0), torch.Generator().manual_seed(0))
         spreads.append(out.var().item())
@@ -95,18 +97,35 @@ def test_shuffled_patches_keep_the_pixels():
 @pytest.mark.parametrize("mode", ["one_step", "norm_guided", "k_step"])
 def test_every_denoising_mode_recovers_z0_with_an_oracle(diffusion, mode):
     z0 = torch.randn(2, C, G, G)
-    ddm = DDM(DDMConfig(mode=mode, t_s=200, k_steps=3), diffusion, C)
+    ddm = DDM(DDMConfig(mode=mode, t_s=200, k_steps=3), diffusion, C, 4)
     z0_hat = ddm.denoise(z0, OracleDenoiser(diffusion, z0), torch.randn_like(z0))
     assert torch.allclose(z0_hat, z0, atol=1e-3)
 
 
-def test_head_and_postprocessing_shapes(diffusion):
-    ddm = DDM(DDMConfig(), diffusion, C).eval()
-    z = torch.randn(3, C, G, G)
-    logits = ddm.logits(z, Denoiser(C, 16, 1), torch.randn_like(z))
-    assert logits.shape == (3, 1, G, G)
+@pytest.mark.parametrize("refine,grid", [(True, M), (False, G)])
+def test_head_and_postprocessing_shapes(diffusion, refine, grid):
+    ddm = DDM(DDMConfig(refine=refine), diffusion, C, 4).eval()
+    features = Features(torch.randn(3, C, G, G), torch.randn(3, 4, M, M))
+    logits = ddm.logits(features, Denoiser(C, 16, 1), torch.randn_like(features.z))
+    assert logits.shape == (3, 1, grid, grid)
     maps, scores = ddm.postprocess(torch.sigmoid(torch.nn.functional.interpolate(logits, size=64)))
     assert maps.shape == (3, 1, 64, 64) and scores.shape == (3,)
+
+
+def test_refinement_starts_from_the_upsampled_head_logits_and_redraws_edges_from_stride_4_features():
+    refinement = Refinement(fine_channels=4, width=8)
+    torch.nn.init.zeros_(refinement.net[-1].weight)
+    torch.nn.init.zeros_(refinement.net[-1].bias)
+    coarse = torch.randn(2, 1, G, G)
+    fine = torch.randn(2, 4, M, M)
+    upsampled = torch.nn.functional.interpolate(coarse, size=(M, M), mode="bilinear", align_corners=False)
+    assert torch.equal(refinement(coarse, fine), upsampled)  # a residual: nothing learned, nothing changed
+    torch.nn.init.normal_(refinement.net[-1].weight)
+    changed = fine.clone()
+    changed[:, :, 0, 0] += 5.0
+    difference = (refinement(coarse, changed) - refinement(coarse, fine)).abs()[:, 0]
+    # two 3x3 convolutions: a change in one stride-4 cell reaches only its 5x5 neighbourhood
+    assert difference[:, :3, :3].sum() > 0 and difference[:, 3:, :].sum() == 0 and difference[:, :, 3:].sum() == 0
 
 
 def test_smoothing_keeps_constants_and_mass():

@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from hdm.config import POMConfig
-from hdm.pom import adapt_tau, cell_targets, filter_samples, focal_loss, map_losses, masked_change, top_k_mean
+from hdm.pom import (adapt_tau, cell_targets, filter_samples, focal_loss, map_losses, masked_change, refinement_losses,
+                     top_k_mean)
 
 
 def test_masked_change_measures_only_inside_the_mask():
@@ -67,3 +68,18 @@ def test_map_losses_reward_a_full_answer_on_a_quarter_covered_cell():
     sharp, fractional = POMConfig(full_cell_coverage=0.25, lambda_image=0.0), POMConfig(full_cell_coverage=1.0, lambda_image=0.0)
     assert loss(confident, sharp) < loss(timid, sharp)
     assert loss(timid, fractional) < loss(confident, fractional)
+
+
+def test_refinement_losses_weight_each_sample():
+    config = POMConfig()
+    logits, mask = torch.randn(2, 1, 8, 8), (torch.rand(2, 1, 8, 8) > 0.5).float()
+    ones = refinement_losses(logits, mask, torch.ones(2), config)
+    target = cell_targets(mask, config.full_cell_coverage)
+    # unit weights: the plain mean losses
+    assert ones["refine_focal"].item() == pytest.approx(focal_loss(logits, target, config.focal_gamma, config.focal_alpha).item())
+    assert ones["refine_l1"].item() == pytest.approx(F.smooth_l1_loss(torch.sigmoid(logits), target).item())
+    # a sample of weight 0 adds nothing: only the first sample's loss, halved by the batch mean
+    first = refinement_losses(logits, mask, torch.tensor([1.0, 0.0]), config)
+    alone = refinement_losses(logits[:1], mask[:1], torch.ones(1), config)
+    for key in first:
+        assert first[key].item() == pytest.approx(alone[key].item() / 2)

@@ -5,15 +5,18 @@ from hdm.config import SpaceConfig
 from hdm.space import FeatureSpace
 
 
-@pytest.mark.parametrize("backbone,channels", [("lite0", 40 + 112), ("lite1", 40 + 112), ("lite2", 48 + 120)])
-def test_each_backbone_gives_z_on_the_stride_8_grid(backbone, channels):
+@pytest.mark.parametrize("backbone,channels,fine_channels",
+                         [("lite0", 40 + 112, 24), ("lite1", 40 + 112, 24), ("lite2", 48 + 120, 24)])
+def test_each_backbone_gives_z_on_the_stride_8_grid_and_features_on_the_stride_4_grid(backbone, channels, fine_channels):
     space = FeatureSpace(SpaceConfig(backbone=backbone, image_size=64))
-    assert space.channels == channels
-    # the taps are the last blocks before each downsampling
-    assert space.encoder._blocks[space.taps[0]]._block_args.output_filters + space.encoder._blocks[space.taps[1]]._block_args.output_filters == channels
+    assert (space.channels, space.fine_channels) == (channels, fine_channels)
     with torch.no_grad():
+        x = space.encoder._swish(space.encoder._conv_stem(torch.rand(1, 3, 64, 64)))
+        sizes = [(x := block(x)).shape[-1] for block in space.encoder._blocks]
         raw = space.raw_features(torch.rand(2, 3, 64, 64))
-    assert raw.shape == (2, channels, 8, 8)
+    # the taps are the last blocks before each downsampling
+    assert [sizes[tap] for tap in space.taps] == [16, 8, 4] and all(sizes[tap + 1] < sizes[tap] for tap in space.taps[:2])
+    assert raw.z.shape == (2, channels, 8, 8) and raw.fine.shape == (2, fine_channels, 16, 16)
     assert not any(p.requires_grad for p in space.encoder.parameters())
 
 
@@ -22,9 +25,10 @@ def test_normalisation_uses_training_statistics():
     with torch.no_grad():
         raw = space.raw_features(torch.rand(4, 3, 64, 64))
         space.fit_statistics(raw)
-        z = space.normalise(raw)
-    assert z.mean(dim=(0, 2, 3)).abs().max() < 1e-4
-    assert (z.std(dim=(0, 2, 3)) - 1).abs().max() < 1e-3
+        features = space.normalise(raw)
+    for part in features:
+        assert part.mean(dim=(0, 2, 3)).abs().max() < 1e-4
+        assert (part.std(dim=(0, 2, 3)) - 1).abs().max() < 1e-3
 
 
 def test_features_match_the_unfolded_pretrained_network():
@@ -41,7 +45,10 @@ def test_features_match_the_unfolded_pretrained_network():
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         x = reference._swish(reference._bn0(reference._conv_stem((images - space.pixel_mean) / space.pixel_std)))
-        for block in reference._blocks[:5]:
+        stride4 = None
+        for index, block in enumerate(reference._blocks[:5]):
             x = block(x)
+            stride4 = x if index == 2 else stride4
         ours = space.raw_features(images)
-    assert torch.allclose(ours[:, :40], x, atol=1e-4)
+    assert torch.allclose(ours.z[:, :40], x, atol=1e-4)
+    assert torch.allclose(ours.fine, stride4, atol=1e-4)

@@ -29,7 +29,7 @@ class NearestNeighbourAnchor(nn.Module):
     def fit(self, images: np.ndarray) -> None:
         raw = encode(self.space, images, desc="anchor bank", progress=False)
         self.space.fit_statistics(raw)
-        z = self.space.normalise(raw)
+        z = self.space.normalise(raw).z
         self.bank = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).contiguous()
 
     def distances(self, z: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
@@ -45,6 +45,6 @@ class NearestNeighbourAnchor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.space(images)
+        z = self.space(images).z
         maps = smooth(self.space.to_pixels(self.distances(z)), self.kernel)
         return maps, top_k_mean(maps, self.top_k)

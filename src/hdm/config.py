@@ -58,6 +58,11 @@ class DDMConfig:
     t_s: int = 150  # noise level the input is diffused to before denoising
     k_steps: int = 3
     head_width: int = 64
+    # Refine the head's stride-8 logits on the stride-4 grid with the encoder's stride-4 features:
+    # a z cell spans 8 px and its features a wider field, so on its own the map blurs defect edges
+    # and spills onto the normal surface beside them (bench/results/accuracy.md ablation).
+    refine: bool = True
+    refine_width: int = 32
     smooth_sigma: float = 4.0  # Gaussian smoothing of the map, in pixels at model size
     top_k: float = 0.01  # image score = mean of the top fraction of map values (0 = max)
 
@@ -84,6 +89,11 @@ class POMConfig:
     tau_rate: float = 0.05
     filtering: bool = True
     adapt_tau: bool = True
+    # Weight of diffusion-made samples in the refinement's losses. Their content exists only in z,
+    # so the refinement sees the clean image's stride-4 features inside their mask: they teach it to
+    # keep the head's verdict where those features show nothing (without them it cut real defects
+    # short on bottle), but at full weight they blunt the edges the appearance samples teach.
+    refine_diffusion_weight: float = 0.5
 
 
 @dataclass
@@ -150,6 +160,8 @@ class HDMConfig:
             (self.train.steps > 0 and self.train.batch_size > 0, "train.steps and train.batch_size must be > 0"),
             (self.pom.change_low < self.pom.change_high, "pom.change_low must be below pom.change_high"),
             (0.0 < self.pom.full_cell_coverage <= 1.0, "pom.full_cell_coverage must lie in (0, 1]"),
+            (self.pom.refine_diffusion_weight >= 0.0, "pom.refine_diffusion_weight must be >= 0"),
+            (self.ddm.refine_width > 0, "ddm.refine_width must be > 0"),
             (self.train.checkpoint_every > 0, "train.checkpoint_every must be > 0"),
             (0.0 < self.calibration.holdout < 1.0, "calibration.holdout must lie in (0, 1)"),
             (0.0 < self.calibration.target_fpr < 0.5, "calibration.target_fpr must lie in (0, 0.5)"),

@@ -83,7 +83,7 @@ def appearance_anomaly(image: np.ndarray, other: np.ndarray, textures: list[np.n
 
 
 def grid_mask(mask: np.ndarray | torch.Tensor, grid: int) -> torch.Tensor:
-    """Pixel mask -> soft 1 x grid x grid mask: the covered fraction of each z cell."""
+    """Pixel mask -> soft 1 x grid x grid mask: the covered fraction of each grid cell."""
     m = torch.as_tensor(np.asarray(mask), dtype=torch.float32)[None, None]
     return F.adaptive_avg_pool2d(m, grid)[0]
 
@@ -91,17 +91,23 @@ def grid_mask(mask: np.ndarray | torch.Tensor, grid: int) -> torch.Tensor:
 @dataclass
 class SyntheticBatch:
     z: torch.Tensor  # B x C x g x g, anomalous where label is 1
-    mask: torch.Tensor  # B x 1 x g x g soft target
+    mask: torch.Tensor  # B x 1 x m x m soft target on the map's (stride-4) grid
     label: torch.Tensor  # B
     source: torch.Tensor  # B: 0 normal, 1 diffusion content, 2 appearance content
+
+    def z_mask(self) -> torch.Tensor:
+        """The mask on the z grid: the covered fraction of each z cell."""
+        return F.adaptive_avg_pool2d(self.mask, self.z.shape[-2:])
 
 
 class DAGM:
     """Builds mixed normal/anomalous batches in z space."""
 
-    def __init__(self, config: DAGMConfig, diffusion: GaussianDiffusion, grid: int):
+    def __init__(self, config: DAGMConfig, diffusion: GaussianDiffusion, grid: int, mask_grid: int):
+        """`grid`: side of z; `mask_grid`: side of the map the masks are targets for (a multiple of it)."""
         self.config = config
         self.grid = grid
+        self.mask_grid = mask_grid
         self.tau = config.tau
         steps = strided_timesteps(config.t_a, config.reverse_steps)
         self.reverse = diffusion.respaced(steps)
@@ -127,8 +133,8 @@ class DAGM:
         return z
 
     def perlin_grid_masks(self, count: int, rng: np.random.Generator) -> torch.Tensor:
-        # Drawn at 4x the grid so the soft cell coverage has some resolution.
-        return torch.stack([grid_mask(perlin_mask(self.grid * 4, rng, self.config.perlin_threshold), self.grid)
+        # Drawn at 4x the z grid so the soft cell coverage has some resolution.
+        return torch.stack([grid_mask(perlin_mask(self.grid * 4, rng, self.config.perlin_threshold), self.mask_grid)
                             for _ in range(count)])
 
     def make_batch(self, z0: torch.Tensor, appearance_z: torch.Tensor, appearance_mask: torch.Tensor,
@@ -140,14 +146,15 @@ class DAGM:
         use_diffusion = anomalous & torch.from_numpy(rng.random(batch) < self.diffusion_share(progress))
         use_appearance = anomalous & ~use_diffusion
         z = z0.clone()
-        mask = torch.zeros(batch, 1, self.grid, self.grid)
+        mask = torch.zeros(batch, 1, self.mask_grid, self.mask_grid)
         source = torch.zeros(batch, dtype=torch.long)
         opacity = torch.from_numpy(rng.uniform(*self.config.opacity, size=batch)).float().view(-1, 1, 1, 1)
         if use_diffusion.any():
             index = use_diffusion.nonzero().flatten()
             content = self.diffusion_content(z0[index], denoiser, generator)
             m = self.perlin_grid_masks(len(index), rng)
-            z[index] = z0[index] + opacity[index] * m * (content - z0[index])
+            m_z = F.adaptive_avg_pool2d(m, self.grid)
+            z[index] = z0[index] + opacity[index] * m_z * (content - z0[index])
             mask[index] = m
             source[index] = 1
         if use_appearance.any():
@@ -155,7 +162,7 @@ class DAGM:
             # Opacity was applied in pixel space; `appearance_spread` says why z outside the mask is kept.
             m = appearance_mask[index]
             z[index] = appearance_z[index] if self.config.appearance_spread else torch.where(
-                m > 0, appearance_z[index], z0[index])
+                F.adaptive_avg_pool2d(m, self.grid) > 0, appearance_z[index], z0[index])
             mask[index] = m
             source[index] = 2
         label = (mask.flatten(1).amax(1) > 0).float()

@@ -1,8 +1,9 @@
 """DDM, the Diffusion Discriminative Module.
 
 Reverse-diffuse the input z to its normal version z^_0 (one step, norm-guided, or k DDIM steps),
-then a discriminative head on [z, z^_0, (z - z^_0)^2] gives anomaly logits on the z grid. The
-map is brought to pixels and smoothed; the image score is the top-k mean of the map.
+then a discriminative head on [z, z^_0, (z - z^_0)^2] gives anomaly logits on the z grid, which a
+refinement sharpens on the stride-4 grid with the encoder's stride-4 features. The map is brought
+to pixels and smoothed; the image score is the top-k mean of the map.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .config import DDMConfig
 from .denoiser import Denoiser
 from .diffusion import GaussianDiffusion, strided_timesteps
 from .pom import top_k_mean
+from .space import Features
 
 
 class DiscriminativeHead(nn.Module):
@@ -40,6 +42,28 @@ class DiscriminativeHead(nn.Module):
         return self.net(torch.cat([z, z0_hat, (z - z0_hat) ** 2], dim=1))
 
 
+class Refinement(nn.Module):
+    """Stride-8 logits + stride-4 features -> stride-4 logits, as a residual on the upsampled logits.
+
+    The head decides *whether* a region is anomalous; this only redraws *where* its edges lie, from
+    features with twice the resolution of z.
+    """
+
+    def __init__(self, fine_channels: int, width: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(fine_channels + 1, width, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(width, 1, 1),
+        )
+
+    def forward(self, logits: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(logits, size=fine.shape[-2:], mode="bilinear", align_corners=False)
+        return up + self.net(torch.cat([up, fine], dim=1))
+
+
 def gaussian_kernel(sigma: float) -> torch.Tensor:
     radius = max(1, int(math.ceil(3 * sigma)))
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
@@ -57,13 +81,14 @@ def smooth(maps: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 
 
 class DDM(nn.Module):
-    """Denoising of z to its normal version and the discriminative head."""
+    """Denoising of z to its normal version, the discriminative head and its refinement."""
 
-    def __init__(self, config: DDMConfig, diffusion: GaussianDiffusion, channels: int):
+    def __init__(self, config: DDMConfig, diffusion: GaussianDiffusion, channels: int, fine_channels: int):
         super().__init__()
         self.config = config
         self.diffusion = diffusion
         self.head = DiscriminativeHead(channels, config.head_width)
+        self.refinement = Refinement(fine_channels, config.refine_width) if config.refine else None
         self.k_process = diffusion.respaced(strided_timesteps(config.t_s, config.k_steps))
         self.register_buffer("kernel", gaussian_kernel(config.smooth_sigma), persistent=False)
 
@@ -101,8 +126,10 @@ class DDM(nn.Module):
         eps, _ = denoiser(zt, process.timestep_map[t])
         return process.predict_z0(zt, t, eps)
 
-    def logits(self, z: torch.Tensor, denoiser: Denoiser, noise: torch.Tensor) -> torch.Tensor:
-        return self.head(z, self.denoise(z, denoiser, noise))
+    def logits(self, features: Features, denoiser: Denoiser, noise: torch.Tensor) -> torch.Tensor:
+        """Anomaly logits on the stride-4 grid (the z grid without refinement)."""
+        logits = self.head(features.z, self.denoise(features.z, denoiser, noise))
+        return logits if self.refinement is None else self.refinement(logits, features.fine)
 
     def postprocess(self, pixel_prob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Probability map at model size -> (smoothed map, image score per sample)."""

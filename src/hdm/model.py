@@ -14,7 +14,7 @@ from .space import build_space
 
 
 class HDM(nn.Module):
-    """Feature space + denoiser (EMA weights) + DDM head.
+    """Feature space + denoiser (EMA weights) + DDM head and refinement.
 
     Inference uses one fixed draw of forward-process noise, stored with the weights, so a given
     image always gets the same map, in torch and in any exported graph.
@@ -29,7 +29,7 @@ class HDM(nn.Module):
         d = config.diffusion
         self.diffusion = GaussianDiffusion.linear(d.timesteps, d.beta_start, d.beta_end)
         self.denoiser = Denoiser(channels, d.width, d.depth)
-        self.ddm = DDM(config.ddm, self.diffusion, channels)
+        self.ddm = DDM(config.ddm, self.diffusion, channels, self.space.fine_channels)
         generator = torch.Generator().manual_seed(config.train.seed)
         self.register_buffer("noise", torch.randn(1, channels, grid, grid, generator=generator))
         self.calibration = Calibration()
@@ -40,8 +40,8 @@ class HDM(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images: B x 3 x S x S floats in [0, 1] -> (B x 1 x S x S map in [0, 1], B scores)."""
-        z = self.space(images)
-        logits = self.ddm.logits(z, self.denoiser, self.noise.expand_as(z))
+        features = self.space(images)
+        logits = self.ddm.logits(features, self.denoiser, self.noise.expand_as(features.z))
         return self.ddm.postprocess(self.space.to_pixels(torch.sigmoid(logits)))
 
     @property

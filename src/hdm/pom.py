@@ -52,13 +52,15 @@ def adapt_tau(tau: float, too_small: int, too_large: int, count: int, config: PO
     return float(min(config.tau_max, max(config.tau_min, tau + step)))
 
 
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float, alpha: float) -> torch.Tensor:
-    """Binary focal loss on soft targets (mean over cells)."""
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float, alpha: float,
+               reduce: bool = True) -> torch.Tensor:
+    """Binary focal loss on soft targets (mean over cells, or per cell without `reduce`)."""
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     prob = torch.sigmoid(logits)
     p_true = prob * target + (1 - prob) * (1 - target)
     weight = alpha * target + (1 - alpha) * (1 - target)
-    return (weight * (1 - p_true) ** gamma * bce).mean()
+    loss = weight * (1 - p_true) ** gamma * bce
+    return loss.mean() if reduce else loss
 
 
 def top_k_mean(values: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -84,6 +86,20 @@ def map_losses(logits: torch.Tensor, mask: torch.Tensor, label: torch.Tensor, co
         "focal": focal_loss(logits, target, config.focal_gamma, config.focal_alpha),
         "l1": config.lambda_l1 * F.smooth_l1_loss(prob, target),
         "image": config.lambda_image * F.binary_cross_entropy_with_logits(image_logit, label),
+    }
+
+
+def refinement_losses(logits: torch.Tensor, mask: torch.Tensor, sample_weight: torch.Tensor,
+                      config: POMConfig) -> dict[str, torch.Tensor]:
+    """Focal + smooth-L1 for DDM's stride-4 refinement, each sample's mean weighted by `sample_weight`."""
+    target = cell_targets(mask, config.full_cell_coverage)
+
+    def weighted(loss: torch.Tensor) -> torch.Tensor:
+        return (loss.flatten(1).mean(1) * sample_weight).mean()
+
+    return {
+        "refine_focal": weighted(focal_loss(logits, target, config.focal_gamma, config.focal_alpha, reduce=False)),
+        "refine_l1": config.lambda_l1 * weighted(F.smooth_l1_loss(torch.sigmoid(logits), target, reduction="none")),
     }
 
 

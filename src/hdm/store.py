@@ -17,9 +17,9 @@ from .config import HDMConfig
 from .data import HDMInputError
 
 CHECKPOINT_FORMAT = "hdm-checkpoint"
-CHECKPOINT_VERSION = 2  # 2: calibration buffers and configuration
+CHECKPOINT_VERSION = 3  # 2: calibration buffers and configuration; 3: stride-4 statistics and refinement
 TRAINING_STATE_FORMAT = "hdm-training-state"
-TRAINING_STATE_VERSION = 1
+TRAINING_STATE_VERSION = 2  # 2: the DDM's head and refinement saved together
 
 
 def _umask() -> int:

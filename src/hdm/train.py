@@ -1,4 +1,5 @@
-"""Training glue: cache z_0 of the normal images, then optimise denoiser and head with DAGM batches.
+"""Training glue: cache the features of the normal images, then optimise denoiser, head and refinement
+with DAGM batches.
 
 The model (`HDM`) stays a pure module; everything about optimisation lives here.
 """
@@ -20,8 +21,8 @@ from .config import HDMConfig
 from .dagm import DAGM, appearance_anomaly, foreign_textures, grid_mask
 from .data import load_images_resized
 from .model import HDM, to_model_input
-from .pom import adapt_tau, filter_samples, hybrid_loss, map_losses, masked_change
-from .space import FeatureSpace
+from .pom import adapt_tau, filter_samples, hybrid_loss, map_losses, masked_change, refinement_losses
+from .space import Features, FeatureSpace
 from .store import save_training_state
 
 
@@ -33,12 +34,12 @@ def seed_everything(seed: int) -> None:
 
 @torch.no_grad()
 def encode(space: FeatureSpace, images: np.ndarray, batch_size: int = 16, desc: str = "encode",
-           progress: bool = True) -> torch.Tensor:
-    """Un-normalised z of N x S x S x 3 uint8 images, batch by batch."""
+           progress: bool = True) -> Features:
+    """Un-normalised features of N x S x S x 3 uint8 images, batch by batch."""
     chunks = []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
         chunks.append(space.raw_features(to_model_input(images[start:start + batch_size])))
-    return torch.cat(chunks)
+    return Features(*(torch.cat(part) for part in zip(*chunks)))
 
 
 @dataclass
@@ -61,8 +62,9 @@ class TrainingLog:
 
 
 def build_appearance_pool(space: FeatureSpace, images: np.ndarray, config: HDMConfig,
-                          rng: np.random.Generator, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pixel-space anomalies (DAGM content b), encoded once: z of N x k x C x g x g and soft grid masks."""
+                          rng: np.random.Generator, progress: bool) -> tuple[Features, torch.Tensor]:
+    """Pixel-space anomalies (DAGM content b), encoded once: features with N x k leading dimensions
+    and soft masks on the stride-4 grid."""
     per_image = config.dagm.appearance_per_image
     textures = foreign_textures(images.shape[1])
     made, masks = [], []
@@ -71,10 +73,11 @@ def build_appearance_pool(space: FeatureSpace, images: np.ndarray, config: HDMCo
             other = images[int(rng.integers(len(images)))]
             image, mask = appearance_anomaly(images[index], other, textures, rng, config.dagm)
             made.append(image)
-            masks.append(grid_mask(mask, space.grid))
-    z = space.normalise(encode(space, np.stack(made), desc="encode anomalies", progress=progress))
+            masks.append(grid_mask(mask, space.fine_grid))
+    features = space.normalise(encode(space, np.stack(made), desc="encode anomalies", progress=progress))
     shape = (len(images), per_image)
-    return z.view(*shape, *z.shape[1:]), torch.stack(masks).view(*shape, 1, space.grid, space.grid)
+    return (Features(*(part.view(*shape, *part.shape[1:]) for part in features)),
+            torch.stack(masks).view(*shape, 1, space.fine_grid, space.fine_grid))
 
 
 @dataclass
@@ -82,7 +85,7 @@ class TrainingParts:
     """Everything whose state a resumed run must get back exactly."""
 
     denoiser: torch.nn.Module
-    head: torch.nn.Module
+    ddm: torch.nn.Module  # the discriminative head and its refinement
     ema: torch.nn.Module
     optimiser: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
@@ -94,7 +97,7 @@ class TrainingParts:
     def state(self, step: int) -> dict:
         return {
             "step": step,
-            "denoiser": self.denoiser.state_dict(), "head": self.head.state_dict(), "ema": self.ema.state_dict(),
+            "denoiser": self.denoiser.state_dict(), "ddm": self.ddm.state_dict(), "ema": self.ema.state_dict(),
             "optimiser": self.optimiser.state_dict(), "schedule": self.schedule.state_dict(), "tau": self.dagm.tau,
             "rng": self.rng.bit_generator.state, "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
@@ -104,7 +107,7 @@ class TrainingParts:
     def restore(self, state: dict) -> int:
         """Load a saved state; returns the step to continue from."""
         self.denoiser.load_state_dict(state["denoiser"])
-        self.head.load_state_dict(state["head"])
+        self.ddm.load_state_dict(state["ddm"])
         self.ema.load_state_dict(state["ema"])
         self.optimiser.load_state_dict(state["optimiser"])
         self.schedule.load_state_dict(state["schedule"])
@@ -138,19 +141,19 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
     space = model.space
     raw = encode(space, images, desc="encode normal", progress=progress)
     space.fit_statistics(raw)
-    z0_all = space.normalise(raw)
-    app_z, app_mask = build_appearance_pool(space, images, config, rng, progress)
-    log(f"cached z for {len(images)} normal images and {app_z.shape[0] * app_z.shape[1]} appearance anomalies "
+    normal = space.normalise(raw)
+    appearance, app_mask = build_appearance_pool(space, images, config, rng, progress)
+    log(f"cached features of {len(images)} normal images and {app_mask.shape[0] * app_mask.shape[1]} appearance anomalies "
         f"({time.perf_counter() - started:.0f}s)")
 
-    denoiser, head, diffusion = model.denoiser, model.ddm.head, model.diffusion
+    denoiser, ddm, diffusion = model.denoiser, model.ddm, model.diffusion
     ema = copy.deepcopy(denoiser).requires_grad_(False)
-    params = list(denoiser.parameters()) + list(head.parameters())
+    params = list(denoiser.parameters()) + list(ddm.parameters())
     optimiser = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.train.lr, total_steps=config.train.steps,
                                                    pct_start=0.05)
-    parts = TrainingParts(denoiser, head, ema, optimiser, schedule, DAGM(config.dagm, diffusion, space.grid),
-                          rng, generator, TrainingLog())
+    parts = TrainingParts(denoiser, ddm, ema, optimiser, schedule,
+                          DAGM(config.dagm, diffusion, space.grid, space.fine_grid), rng, generator, TrainingLog())
     first = 0
     if resume_from is not None:
         first = parts.restore(resume_from)
@@ -158,17 +161,18 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
     dagm, history = parts.dagm, parts.history
     previous_seconds = history.seconds
     denoiser.train()
-    head.train()
+    ddm.train()
 
     steps = config.train.steps
     batch_size = config.train.batch_size
     bar = tqdm(range(first, steps), desc="train", disable=not progress, initial=first, total=steps)
     for step in bar:
         index = torch.from_numpy(rng.integers(len(images), size=batch_size))
-        pick = torch.from_numpy(rng.integers(app_z.shape[1], size=batch_size))
-        z0, az, am = z0_all[index], app_z[index, pick], app_mask[index, pick]
+        pick = torch.from_numpy(rng.integers(app_mask.shape[1], size=batch_size))
+        z0, f0 = normal.z[index], normal.fine[index]
+        az, af, am = appearance.z[index, pick], appearance.fine[index, pick], app_mask[index, pick]
         if config.train.augment_flip and rng.random() < 0.5:
-            z0, az, am = z0.flip(-1), az.flip(-1), am.flip(-1)
+            z0, f0, az, af, am = (x.flip(-1) for x in (z0, f0, az, af, am))
 
         # POM, generation side: the hybrid objective on normal samples only.
         t = torch.randint(0, diffusion.num_timesteps, (batch_size,), generator=generator)
@@ -181,7 +185,7 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
         batch = dagm.make_batch(z0, az, am, ema, step / steps, rng, generator)
         synthetic = batch.label > 0
         if config.pom.filtering and synthetic.any():
-            keep, small, large = filter_samples(masked_change(batch.z, z0, batch.mask),
+            keep, small, large = filter_samples(masked_change(batch.z, z0, batch.z_mask()),
                                                 config.pom.change_low, config.pom.change_high)
             drop = synthetic & ~keep
             batch.z[drop], batch.mask[drop], batch.label[drop] = z0[drop], 0.0, 0.0
@@ -193,9 +197,13 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
 
         # DDM on the mixed batch, with the EMA denoiser the model will use at inference.
         with torch.no_grad():
-            z0_hat = model.ddm.denoise(batch.z, ema, model.noise.expand_as(batch.z))
-        logits = head(batch.z, z0_hat)
-        losses = map_losses(logits, batch.mask, batch.label, config.pom, config.ddm.top_k)
+            z0_hat = ddm.denoise(batch.z, ema, model.noise.expand_as(batch.z))
+        logits = ddm.head(batch.z, z0_hat)
+        losses = map_losses(logits, batch.z_mask(), batch.label, config.pom, config.ddm.top_k)
+        if ddm.refinement is not None:
+            fine = torch.where((batch.source == 2).view(-1, 1, 1, 1), af, f0)
+            weight = torch.where(batch.source == 1, config.pom.refine_diffusion_weight, 1.0)
+            losses.update(refinement_losses(ddm.refinement(logits, fine), batch.mask, weight, config.pom))
         total = l_simple + l_vlb + sum(losses.values())
 
         optimiser.zero_grad(set_to_none=True)
