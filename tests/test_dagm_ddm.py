@@ -120,6 +120,8 @@ def test_refinement_starts_from_the_upsampled_head_logits_and_redraws_edges_from
     fine = torch.randn(2, 4, M, M)
     upsampled = torch.nn.functional.interpolate(coarse, size=(M, M), mode="bilinear", align_corners=False)
     assert torch.equal(refinement(coarse, fine), upsampled)  # a residual: nothing learned, nothing changed
+    up, residual = refinement.residual(coarse, fine)
+    assert torch.equal(up, upsampled) and not residual.any()
     torch.nn.init.normal_(refinement.net[-1].weight)
     changed = fine.clone()
     changed[:, :, 0, 0] += 5.0

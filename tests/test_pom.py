@@ -73,13 +73,24 @@ def test_map_losses_reward_a_full_answer_on_a_quarter_covered_cell():
 def test_refinement_losses_weight_each_sample():
     config = POMConfig()
     logits, mask = torch.randn(2, 1, 8, 8), (torch.rand(2, 1, 8, 8) > 0.5).float()
-    ones = refinement_losses(logits, mask, torch.ones(2), config)
+    residual = torch.zeros_like(logits)
+    ones = refinement_losses(logits, residual, mask, torch.ones(2), config)
     target = cell_targets(mask, config.full_cell_coverage)
     # unit weights: the plain mean losses
     assert ones["refine_focal"].item() == pytest.approx(focal_loss(logits, target, config.focal_gamma, config.focal_alpha).item())
     assert ones["refine_l1"].item() == pytest.approx(F.smooth_l1_loss(torch.sigmoid(logits), target).item())
     # a sample of weight 0 adds nothing: only the first sample's loss, halved by the batch mean
-    first = refinement_losses(logits, mask, torch.tensor([1.0, 0.0]), config)
-    alone = refinement_losses(logits[:1], mask[:1], torch.ones(1), config)
-    for key in first:
+    first = refinement_losses(logits, residual, mask, torch.tensor([1.0, 0.0]), config)
+    alone = refinement_losses(logits[:1], residual[:1], mask[:1], torch.ones(1), config)
+    for key in ("refine_focal", "refine_l1"):
         assert first[key].item() == pytest.approx(alone[key].item() / 2)
+
+
+def test_refinement_raise_penalty_only_where_the_residual_lifts_a_normal_cell():
+    config = POMConfig(lambda_refine_raise=1.0)
+    logits = torch.zeros(1, 1, 2, 2)
+    mask = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])  # top row defective, bottom row normal
+    penalty = lambda residual: refinement_losses(logits, residual, mask, torch.ones(1), config)["refine_raise"].item()  # noqa: E731
+    assert penalty(torch.tensor([[[[3.0, 3.0], [-3.0, -3.0]]]])) == 0.0  # raising defects, lowering normal cells
+    assert penalty(torch.tensor([[[[0.0, 0.0], [2.0, 0.0]]]])) == pytest.approx(4.0 / 4)  # one normal cell lifted by 2
+    assert refinement_losses(logits, torch.ones(1, 1, 2, 2), mask, torch.ones(1), POMConfig(lambda_refine_raise=0.0))["refine_raise"].item() == 0.0

@@ -94,6 +94,11 @@ class POMConfig:
     # keep the head's verdict where those features show nothing (without them it cut real defects
     # short on bottle), but at full weight they blunt the edges the appearance samples teach.
     refine_diffusion_weight: float = 0.5
+    # Squared penalty on the refinement's residual where it raises a cell whose target is normal.
+    # The focal loss gives confidently normal cells almost no gradient, so without it the
+    # refinement lifted the normal surface of unseen bottles, unevenly, and faint contamination
+    # sank among it (bench/results/accuracy.md ablation).
+    lambda_refine_raise: float = 0.02
 
 
 @dataclass
@@ -161,6 +166,7 @@ class HDMConfig:
             (self.pom.change_low < self.pom.change_high, "pom.change_low must be below pom.change_high"),
             (0.0 < self.pom.full_cell_coverage <= 1.0, "pom.full_cell_coverage must lie in (0, 1]"),
             (self.pom.refine_diffusion_weight >= 0.0, "pom.refine_diffusion_weight must be >= 0"),
+            (self.pom.lambda_refine_raise >= 0.0, "pom.lambda_refine_raise must be >= 0"),
             (self.ddm.refine_width > 0, "ddm.refine_width must be > 0"),
             (self.train.checkpoint_every > 0, "train.checkpoint_every must be > 0"),
             (0.0 < self.calibration.holdout < 1.0, "calibration.holdout must lie in (0, 1)"),

@@ -59,9 +59,14 @@ class Refinement(nn.Module):
             nn.Conv2d(width, 1, 1),
         )
 
-    def forward(self, logits: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
+    def residual(self, logits: torch.Tensor, fine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(head logits upsampled to the stride-4 grid, the learned correction); the refined logits are their sum."""
         up = F.interpolate(logits, size=fine.shape[-2:], mode="bilinear", align_corners=False)
-        return up + self.net(torch.cat([up, fine], dim=1))
+        return up, self.net(torch.cat([up, fine], dim=1))
+
+    def forward(self, logits: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
+        up, residual = self.residual(logits, fine)
+        return up + residual
 
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:

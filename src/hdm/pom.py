@@ -4,8 +4,9 @@ Generation side: the hybrid objective L_simple + lambda * L_vlb that learns Sigm
 samples, and the quality control of synthetic samples (reject those whose masked change is too
 small to be a defect or absurdly large, and adapt tau to keep samples in that band).
 Discrimination side: focal + smooth-L1 between the probability map and the mask, an
-image-level term that ties the top-k map score to the label, and the calibration of scores into
-probabilities and thresholds from held-out normal images only.
+image-level term that ties the top-k map score to the label, a penalty that keeps DDM's refinement
+from lifting cells whose target is normal, and the calibration of scores into probabilities and
+thresholds from held-out normal images only.
 """
 
 from __future__ import annotations
@@ -89,9 +90,10 @@ def map_losses(logits: torch.Tensor, mask: torch.Tensor, label: torch.Tensor, co
     }
 
 
-def refinement_losses(logits: torch.Tensor, mask: torch.Tensor, sample_weight: torch.Tensor,
+def refinement_losses(logits: torch.Tensor, residual: torch.Tensor, mask: torch.Tensor, sample_weight: torch.Tensor,
                       config: POMConfig) -> dict[str, torch.Tensor]:
-    """Focal + smooth-L1 for DDM's stride-4 refinement, each sample's mean weighted by `sample_weight`."""
+    """Focal + smooth-L1 for DDM's stride-4 refinement, each sample's mean weighted by `sample_weight`,
+    and a squared penalty on the residual where it raises a cell whose target is normal."""
     target = cell_targets(mask, config.full_cell_coverage)
 
     def weighted(loss: torch.Tensor) -> torch.Tensor:
@@ -100,6 +102,7 @@ def refinement_losses(logits: torch.Tensor, mask: torch.Tensor, sample_weight: t
     return {
         "refine_focal": weighted(focal_loss(logits, target, config.focal_gamma, config.focal_alpha, reduce=False)),
         "refine_l1": config.lambda_l1 * weighted(F.smooth_l1_loss(torch.sigmoid(logits), target, reduction="none")),
+        "refine_raise": config.lambda_refine_raise * (residual.clamp(min=0) ** 2 * (1 - target)).mean(),
     }
 
 
