@@ -82,10 +82,14 @@ def appearance_anomaly(image: np.ndarray, other: np.ndarray, textures: list[np.n
     return np.clip(out, 0, 255).astype(np.uint8), mask
 
 
+def coverage(masks: torch.Tensor, grid: int) -> torch.Tensor:
+    """B x 1 x h x w (soft) masks -> B x 1 x grid x grid: the covered fraction of each grid cell."""
+    return F.adaptive_avg_pool2d(masks, grid)
+
+
 def grid_mask(mask: np.ndarray | torch.Tensor, grid: int) -> torch.Tensor:
     """Pixel mask -> soft 1 x grid x grid mask: the covered fraction of each grid cell."""
-    m = torch.as_tensor(np.asarray(mask), dtype=torch.float32)[None, None]
-    return F.adaptive_avg_pool2d(m, grid)[0]
+    return coverage(torch.as_tensor(np.asarray(mask), dtype=torch.float32)[None, None], grid)[0]
 
 
 @dataclass
@@ -97,7 +101,7 @@ class SyntheticBatch:
 
     def z_mask(self) -> torch.Tensor:
         """The mask on the z grid: the covered fraction of each z cell."""
-        return F.adaptive_avg_pool2d(self.mask, self.z.shape[-2:])
+        return coverage(self.mask, self.z.shape[-1])
 
 
 class DAGM:
@@ -153,8 +157,7 @@ class DAGM:
             index = use_diffusion.nonzero().flatten()
             content = self.diffusion_content(z0[index], denoiser, generator)
             m = self.perlin_grid_masks(len(index), rng)
-            m_z = F.adaptive_avg_pool2d(m, self.grid)
-            z[index] = z0[index] + opacity[index] * m_z * (content - z0[index])
+            z[index] = z0[index] + opacity[index] * coverage(m, self.grid) * (content - z0[index])
             mask[index] = m
             source[index] = 1
         if use_appearance.any():
@@ -162,7 +165,7 @@ class DAGM:
             # Opacity was applied in pixel space; `appearance_spread` says why z outside the mask is kept.
             m = appearance_mask[index]
             z[index] = appearance_z[index] if self.config.appearance_spread else torch.where(
-                F.adaptive_avg_pool2d(m, self.grid) > 0, appearance_z[index], z0[index])
+                coverage(m, self.grid) > 0, appearance_z[index], z0[index])
             mask[index] = m
             source[index] = 2
         label = (mask.flatten(1).amax(1) > 0).float()

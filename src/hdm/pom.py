@@ -93,7 +93,7 @@ def map_losses(logits: torch.Tensor, mask: torch.Tensor, label: torch.Tensor, co
 def refinement_losses(logits: torch.Tensor, residual: torch.Tensor, mask: torch.Tensor, sample_weight: torch.Tensor,
                       config: POMConfig) -> dict[str, torch.Tensor]:
     """Focal + smooth-L1 for DDM's stride-4 refinement, each sample's mean weighted by `sample_weight`,
-    and a squared penalty on the residual where it raises a cell whose target is normal."""
+    and a squared penalty, on every sample alike, on the residual where it raises a cell whose target is normal."""
     target = cell_targets(mask, config.full_cell_coverage)
 
     def weighted(loss: torch.Tensor) -> torch.Tensor:
