@@ -73,7 +73,7 @@ def test_map_losses_reward_a_full_answer_on_a_quarter_covered_cell():
 def test_refinement_losses_weight_each_sample():
     config = POMConfig()
     logits, mask = torch.randn(2, 1, 8, 8), (torch.rand(2, 1, 8, 8) > 0.5).float()
-    residual = torch.zeros_like(logits)
+    residual = torch.zeros_like(logits)  # the refined logits are then `logits` itself
     ones = refinement_losses(logits, residual, mask, torch.ones(2), config)
     target = cell_targets(mask, config.full_cell_coverage)
     # unit weights: the plain mean losses
@@ -88,9 +88,18 @@ def test_refinement_losses_weight_each_sample():
 
 def test_refinement_raise_penalty_only_where_the_residual_lifts_a_normal_cell():
     config = POMConfig(lambda_refine_raise=1.0)
-    logits = torch.zeros(1, 1, 2, 2)
+    up = torch.zeros(1, 1, 2, 2)
     mask = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])  # top row defective, bottom row normal
-    penalty = lambda residual: refinement_losses(logits, residual, mask, torch.ones(1), config)["refine_raise"].item()  # noqa: E731
+    penalty = lambda residual: refinement_losses(up, residual, mask, torch.ones(1), config)["refine_raise"].item()  # noqa: E731
     assert penalty(torch.tensor([[[[3.0, 3.0], [-3.0, -3.0]]]])) == 0.0  # raising defects, lowering normal cells
     assert penalty(torch.tensor([[[[0.0, 0.0], [2.0, 0.0]]]])) == pytest.approx(4.0 / 4)  # one normal cell lifted by 2
-    assert refinement_losses(logits, torch.ones(1, 1, 2, 2), mask, torch.ones(1), POMConfig(lambda_refine_raise=0.0))["refine_raise"].item() == 0.0
+    assert refinement_losses(up, torch.ones(1, 1, 2, 2), mask, torch.ones(1), POMConfig(lambda_refine_raise=0.0))["refine_raise"].item() == 0.0
+
+
+def test_refinement_losses_see_the_refined_logits_whatever_their_split():
+    config = POMConfig()
+    up, residual, mask = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8), (torch.rand(2, 1, 8, 8) > 0.5).float()
+    split = refinement_losses(up, residual, mask, torch.ones(2), config)
+    whole = refinement_losses(up + residual, torch.zeros_like(up), mask, torch.ones(2), config)
+    for key in ("refine_focal", "refine_l1"):
+        assert split[key].item() == pytest.approx(whole[key].item())

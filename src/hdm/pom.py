@@ -90,10 +90,12 @@ def map_losses(logits: torch.Tensor, mask: torch.Tensor, label: torch.Tensor, co
     }
 
 
-def refinement_losses(logits: torch.Tensor, residual: torch.Tensor, mask: torch.Tensor, sample_weight: torch.Tensor,
+def refinement_losses(up: torch.Tensor, residual: torch.Tensor, mask: torch.Tensor, sample_weight: torch.Tensor,
                       config: POMConfig) -> dict[str, torch.Tensor]:
-    """Focal + smooth-L1 for DDM's stride-4 refinement, each sample's mean weighted by `sample_weight`,
+    """Losses for DDM's stride-4 refinement, given as `Refinement.residual` returns it (refined logits =
+    up + residual): focal + smooth-L1 on the refined logits, each sample's mean weighted by `sample_weight`,
     and a squared penalty, on every sample alike, on the residual where it raises a cell whose target is normal."""
+    logits = up + residual
     target = cell_targets(mask, config.full_cell_coverage)
 
     def weighted(loss: torch.Tensor) -> torch.Tensor:

@@ -203,8 +203,7 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
         if ddm.refinement is not None:
             fine = torch.where((batch.source == 2).view(-1, 1, 1, 1), af, f0)
             weight = torch.where(batch.source == 1, config.pom.refine_diffusion_weight, 1.0)
-            up, residual = ddm.refinement.residual(logits, fine)
-            losses.update(refinement_losses(up + residual, residual, batch.mask, weight, config.pom))
+            losses.update(refinement_losses(*ddm.refinement.residual(logits, fine), batch.mask, weight, config.pom))
         total = l_simple + l_vlb + sum(losses.values())
 
         optimiser.zero_grad(set_to_none=True)
