@@ -1,6 +1,6 @@
 """Accuracy benchmark on the real data: HDM vs the nearest-neighbour anchor, plus the ablations.
 
-    .venv/bin/python bench/accuracy.py [--ablation] [--seeds 0 1 ...] [--steps N] [--out bench/results/accuracy.md]
+    .venv/bin/python bench/accuracy.py [--ablation [KEY ...]] [--seeds 0 1 ...] [--steps N] [--out bench/results/accuracy.md]
 
 Trains and tests each category at the default settings (256^2, lite0) and writes a Markdown table
 naming this command. The anchor uses the same frozen features, smoothing and top-k score. With
@@ -31,17 +31,18 @@ from hdm.train import fit
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 CATEGORIES = {"bottle": DATASETS / "mvtec_ad", "metal_plate": DATASETS / "mpdd"}
 
-# name -> (overrides, categories it runs on): the issue's ablations on metal_plate; the appearance
-# spread and the refinement on both, as their effects differ between the two; the raise penalty
-# on bottle, whose normal surface it protects.
-ABLATIONS: dict[str, tuple[dict, tuple[str, ...]]] = {
-    "DAGM without diffusion content": ({"dagm.p_diffusion_max": 0.0}, ("metal_plate",)),
-    "tau = 0": ({"dagm.tau": 0.0, "pom.adapt_tau": False}, ("metal_plate",)),
-    "POM filtering off": ({"pom.filtering": False}, ("metal_plate",)),
-    "POM map targets = covered fraction": ({"pom.full_cell_coverage": 1.0}, ("metal_plate",)),
-    "DAGM appearance anomalies cut to their mask in z": ({"dagm.appearance_spread": False}, ("bottle", "metal_plate")),
-    "DDM without the stride-4 refinement": ({"ddm.refine": False}, ("bottle", "metal_plate")),
-    "POM without the refinement's raise penalty": ({"pom.lambda_refine_raise": 0.0}, ("bottle",)),
+# key -> (name, overrides, categories it runs on): the issue's ablations on metal_plate; the
+# appearance spread and the refinement on both, as their effects differ between the two; the raise
+# penalty on bottle, whose normal surface it protects.
+ABLATIONS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
+    "no-diffusion": ("DAGM without diffusion content", {"dagm.p_diffusion_max": 0.0}, ("metal_plate",)),
+    "tau0": ("tau = 0", {"dagm.tau": 0.0, "pom.adapt_tau": False}, ("metal_plate",)),
+    "no-filtering": ("POM filtering off", {"pom.filtering": False}, ("metal_plate",)),
+    "covered-fraction": ("POM map targets = covered fraction", {"pom.full_cell_coverage": 1.0}, ("metal_plate",)),
+    "cut-appearance": ("DAGM appearance anomalies cut to their mask in z", {"dagm.appearance_spread": False},
+                       ("bottle", "metal_plate")),
+    "no-refinement": ("DDM without the stride-4 refinement", {"ddm.refine": False}, ("bottle", "metal_plate")),
+    "no-raise-penalty": ("POM without the refinement's raise penalty", {"pom.lambda_refine_raise": 0.0}, ("bottle",)),
 }
 
 
@@ -93,7 +94,9 @@ def table(rows: list[tuple[str, str, dict]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
-    parser.add_argument("--ablation", action="store_true", help="ablation rows (see ABLATIONS for which category each runs on)")
+    parser.add_argument("--ablation", nargs="*", choices=list(ABLATIONS), metavar="KEY",
+                        help="ablation rows: all, or only the KEYs named (" + ", ".join(ABLATIONS)
+                        + "; see ABLATIONS for which category each runs on)")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results/accuracy.md"))
@@ -106,9 +109,9 @@ def main() -> None:
         if not (root / category).is_dir():
             sys.exit(f"bench: {root / category} not found")
         runs = [(f"HDM (full), seed {seed}" if len(args.seeds) > 1 else "HDM (full)", {}, seed) for seed in args.seeds]
-        if args.ablation:
-            runs += [(name, overrides, args.seeds[0]) for name, (overrides, categories) in ABLATIONS.items()
-                     if category in categories]
+        if args.ablation is not None:
+            runs += [(name, overrides, args.seeds[0]) for key, (name, overrides, categories) in ABLATIONS.items()
+                     if category in categories and (not args.ablation or key in args.ablation)]
         for name, overrides, seed in runs:
             result = run_hdm(root, category, configured(overrides, args.steps, seed))
             rows.append((category, name, result))
