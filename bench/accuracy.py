@@ -25,6 +25,7 @@ from hdm.data import load_images_resized
 from hdm.layouts import DataSource, holdout_split
 from hdm.inference import calibrate, evaluate
 from hdm.metrics import METRIC_KEYS
+from hdm.runtime import keep_freed_memory
 from hdm.space import FeatureSpace
 from hdm.train import fit
 
@@ -102,6 +103,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/accuracy.md"))
     args = parser.parse_args()
     torch.set_num_threads(2)
+    keep_freed_memory()  # as the hdm command does
 
     rows = []
     for category in args.categories:

@@ -10,6 +10,7 @@ All figures are medians over --repeats runs on the MVTec AD bottle test images a
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import shutil
 import statistics
@@ -27,6 +28,7 @@ from hdm.data import list_images, load_images_resized
 from hdm.export import OnnxDetector, export_onnx
 from hdm.inference import calibrate
 from hdm.model import HDM, to_model_input
+from hdm.runtime import keep_freed_memory
 from hdm.store import load_model, save_checkpoint
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mvtec_ad" / "bottle"
@@ -52,13 +54,15 @@ def batched(model, images: torch.Tensor, batch_size: int):
     return run
 
 
-def predict_cli(run: Path, folder: Path, out: Path) -> tuple[float, float]:
-    """(seconds, peak RSS in MiB) of one `hdm predict` process."""
+def predict_cli(run: Path, folder: Path, out: Path, keep_freed_memory: bool = True) -> tuple[float, float]:
+    """(seconds, peak RSS in MiB) of one `hdm predict` process (without `hdm.runtime.keep_freed_memory`
+    when asked, to measure what it gives)."""
     hdm = Path(sys.executable).with_name("hdm")
     shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "HDM_KEEP_FREED_MEMORY": "1" if keep_freed_memory else "0"}
     started = time.perf_counter()
     rss = subprocess.run([sys.executable, "-c", PEAK_RSS, str(hdm), "predict", "--run", str(run), str(folder),
-                          "--out", str(out)], check=True, capture_output=True, text=True).stdout
+                          "--out", str(out)], check=True, capture_output=True, text=True, env=env).stdout
     return time.perf_counter() - started, int(rss.strip()) / 1024
 
 
@@ -69,6 +73,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/speed.md"))
     args = parser.parse_args()
     torch.set_num_threads(2)
+    keep_freed_memory()  # as the hdm command does
     if not DATA.is_dir():
         sys.exit(f"bench: {DATA} not found")
 
@@ -100,10 +105,14 @@ def main() -> None:
     big = work / "many"
     for copy in range(4):
         shutil.copytree(DATA / "test", big / f"copy{copy}")
-    small_runs = [predict_cli(run, DATA / "test", work / "out") for _ in range(3)]
+    small_runs, default_malloc_runs = [], []
+    for _ in range(3):  # alternated, so that drift of the machine hits both alike
+        small_runs.append(predict_cli(run, DATA / "test", work / "out"))
+        default_malloc_runs.append(predict_cli(run, DATA / "test", work / "out", keep_freed_memory=False))
     big_runs = [predict_cli(run, big, work / "out") for _ in range(3)]
     small_s = statistics.median(r[0] for r in small_runs)
     big_s = statistics.median(r[0] for r in big_runs)
+    default_s = statistics.median(r[0] for r in default_malloc_runs)
     marginal = 3 * n / (big_s - small_s)
     shutil.rmtree(work, ignore_errors=True)
 
@@ -117,6 +126,9 @@ def main() -> None:
         f"| {n} images, whole process incl. start-up | {small_s:.1f} s ({n / small_s:.1f} images/s) |",
         f"| {4 * n} images, whole process incl. start-up | {big_s:.1f} s ({4 * n / big_s:.1f} images/s) |",
         f"| steady-state rate (extra {3 * n} images / extra time) | {marginal:.1f} images/s |",
+        f"| {n} images with glibc's default malloc thresholds (HDM_KEEP_FREED_MEMORY=0) | "
+        f"{default_s:.1f} s ({default_s / small_s:.2f}x the time), peak RSS "
+        f"{statistics.median(r[1] for r in default_malloc_runs):.0f} MiB |",
         f"| peak RSS, {n} images | {statistics.median(r[1] for r in small_runs):.0f} MiB |",
         f"| peak RSS, {4 * n} images | {statistics.median(r[1] for r in big_runs):.0f} MiB |",
     ]

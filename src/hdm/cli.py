@@ -173,6 +173,9 @@ def run_test(run: Path, source: "DataSource | None") -> dict[str, float]:
 @click.version_option(package_name="hdm")
 def main() -> None:
     """Industrial anomaly detection with HDM, the Hybrid Diffusion Model."""
+    from .runtime import keep_freed_memory
+
+    keep_freed_memory()
 
 
 _backbone = click.option("--backbone", type=click.Choice(["lite0", "lite1", "lite2"]), default="lite0", show_default=True)
