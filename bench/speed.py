@@ -54,12 +54,12 @@ def batched(model, images: torch.Tensor, batch_size: int):
     return run
 
 
-def predict_cli(run: Path, folder: Path, out: Path, keep_freed_memory: bool = True) -> tuple[float, float]:
+def predict_cli(run: Path, folder: Path, out: Path, keep_memory: bool = True) -> tuple[float, float]:
     """(seconds, peak RSS in MiB) of one `hdm predict` process (without `hdm.runtime.keep_freed_memory`
     when asked, to measure what it gives)."""
     hdm = Path(sys.executable).with_name("hdm")
     shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, "HDM_KEEP_FREED_MEMORY": "1" if keep_freed_memory else "0"}
+    env = {**os.environ, "HDM_KEEP_FREED_MEMORY": "1" if keep_memory else "0"}
     started = time.perf_counter()
     rss = subprocess.run([sys.executable, "-c", PEAK_RSS, str(hdm), "predict", "--run", str(run), str(folder),
                           "--out", str(out)], check=True, capture_output=True, text=True, env=env).stdout
@@ -108,7 +108,7 @@ def main() -> None:
     small_runs, default_malloc_runs = [], []
     for _ in range(3):  # alternated, so that drift of the machine hits both alike
         small_runs.append(predict_cli(run, DATA / "test", work / "out"))
-        default_malloc_runs.append(predict_cli(run, DATA / "test", work / "out", keep_freed_memory=False))
+        default_malloc_runs.append(predict_cli(run, DATA / "test", work / "out", keep_memory=False))
     big_runs = [predict_cli(run, big, work / "out") for _ in range(3)]
     small_s = statistics.median(r[0] for r in small_runs)
     big_s = statistics.median(r[0] for r in big_runs)
