@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from hdm.config import DAGMConfig, DDMConfig
-from hdm.dagm import DAGM, appearance_anomaly, grid_mask, shuffled_patches
+from hdm.dagm import DAGM, Provenance, appearance_anomaly, grid_mask, shuffled_patches
 from hdm.ddm import DDM, Refinement, gaussian_kernel, smooth
 from hdm.denoiser import Denoiser
 from hdm.diffusion import GaussianDiffusion
@@ -38,12 +38,12 @@ def test_about_half_of_each_batch_stays_normal(diffusion):
     assert batch.mask.shape == (64, 1, M, M) and batch.z_mask().shape == (64, 1, G, G)
     normal = batch.label == 0
     assert torch.equal(batch.z[normal], z0[normal]) and batch.mask[normal].sum() == 0
-    assert set(batch.source[batch.label > 0].tolist()) == {1, 2}
+    assert set(batch.source[batch.label > 0].tolist()) == {Provenance.DIFFUSION, Provenance.APPEARANCE}
     # diffusion content stays inside its mask; an appearance anomaly keeps its encoded spread
     outside = (batch.z_mask() == 0).expand_as(z0)
-    made = (batch.source == 1).view(-1, 1, 1, 1).expand_as(z0)
+    made = batch.from_(Provenance.DIFFUSION).view(-1, 1, 1, 1).expand_as(z0)
     assert torch.equal(batch.z[outside & made], z0[outside & made])
-    appearance = batch.source == 2
+    appearance = batch.from_(Provenance.APPEARANCE)
     assert torch.equal(batch.z[appearance], app_z[appearance])
 
 

@@ -3,7 +3,8 @@ import torch
 from hdm.config import HDMConfig
 from hdm.data import list_images
 from hdm.synthetic import CATEGORY, make_default_dataset
-from hdm.train import fit
+from hdm.dagm import Provenance, SyntheticBatch
+from hdm.train import fit, refinement_inputs
 
 
 def tiny_config(seed: int) -> HDMConfig:
@@ -31,3 +32,17 @@ def test_training_logs_losses_and_tau(tmp_path):
     assert len(history.losses) == 4 and len(history.tau) == 4
     assert {"loss_simple", "loss_vlb", "loss_focal", "loss_l1", "loss_image", "tau"} <= set(summary)
     assert all(v == v for v in summary.values())  # no NaN
+
+
+def test_a_dropped_synthetic_sample_feeds_the_refinement_as_normal():
+    """POM's filter reverts a rejected sample to normal: its appearance features must not reach the
+    refinement beside the "normal" target it now has."""
+    z0, z = torch.zeros(3, 2, 4, 4), torch.ones(3, 2, 4, 4)
+    source = torch.tensor([Provenance.APPEARANCE, Provenance.APPEARANCE, Provenance.DIFFUSION])
+    batch = SyntheticBatch(z, torch.ones(3, 1, 8, 8), torch.ones(3), source)
+    batch.revert(torch.tensor([True, False, True]), z0)
+    assert batch.label.tolist() == [0.0, 1.0, 0.0] and batch.mask[0].sum() == 0 and torch.equal(batch.z[0], z0[0])
+    normal_fine, appearance_fine = torch.zeros(3, 5, 8, 8), torch.ones(3, 5, 8, 8)
+    fine, weight = refinement_inputs(batch, normal_fine, appearance_fine, diffusion_weight=0.5)
+    assert torch.equal(fine[0], normal_fine[0]) and torch.equal(fine[1], appearance_fine[1])
+    assert weight.tolist() == [1.0, 1.0, 1.0]

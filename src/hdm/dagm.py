@@ -14,6 +14,7 @@ Anomalous training samples with masks, made from normal z_0 only:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 
 import numpy as np
 import torch
@@ -92,16 +93,33 @@ def grid_mask(mask: np.ndarray | torch.Tensor, grid: int) -> torch.Tensor:
     return coverage(torch.as_tensor(np.asarray(mask), dtype=torch.float32)[None, None], grid)[0]
 
 
+class Provenance(IntEnum):
+    """Where a sample's content came from; it decides which stride-4 features the refinement sees."""
+
+    NORMAL = 0
+    DIFFUSION = 1  # made in z: the image, and so its stride-4 features, stay normal
+    APPEARANCE = 2  # made in pixels and encoded: its own stride-4 features
+
+
 @dataclass
 class SyntheticBatch:
     z: torch.Tensor  # B x C x g x g, anomalous where label is 1
     mask: torch.Tensor  # B x 1 x m x m soft target on the map's (stride-4) grid
     label: torch.Tensor  # B
-    source: torch.Tensor  # B: 0 normal, 1 diffusion content, 2 appearance content
+    source: torch.Tensor  # B, `Provenance` values
 
     def z_mask(self) -> torch.Tensor:
         """The mask on the z grid: the covered fraction of each z cell."""
         return coverage(self.mask, self.z.shape[-1])
+
+    def revert(self, drop: torch.Tensor, z0: torch.Tensor) -> None:
+        """Make the samples where `drop` is set normal again, provenance included, so that nothing of
+        their synthetic content reaches any loss."""
+        self.z[drop], self.mask[drop], self.label[drop] = z0[drop], 0.0, 0.0
+        self.source[drop] = Provenance.NORMAL
+
+    def from_(self, provenance: Provenance) -> torch.Tensor:
+        return self.source == provenance
 
 
 class DAGM:
@@ -151,7 +169,7 @@ class DAGM:
         use_appearance = anomalous & ~use_diffusion
         z = z0.clone()
         mask = torch.zeros(batch, 1, self.mask_grid, self.mask_grid)
-        source = torch.zeros(batch, dtype=torch.long)
+        source = torch.full((batch,), int(Provenance.NORMAL), dtype=torch.long)
         opacity = torch.from_numpy(rng.uniform(*self.config.opacity, size=batch)).float().view(-1, 1, 1, 1)
         if use_diffusion.any():
             index = use_diffusion.nonzero().flatten()
@@ -159,7 +177,7 @@ class DAGM:
             m = self.perlin_grid_masks(len(index), rng)
             z[index] = z0[index] + opacity[index] * coverage(m, self.grid) * (content - z0[index])
             mask[index] = m
-            source[index] = 1
+            source[index] = Provenance.DIFFUSION
         if use_appearance.any():
             index = use_appearance.nonzero().flatten()
             # Opacity was applied in pixel space; `appearance_spread` says why z outside the mask is kept.
@@ -167,6 +185,6 @@ class DAGM:
             z[index] = appearance_z[index] if self.config.appearance_spread else torch.where(
                 coverage(m, self.grid) > 0, appearance_z[index], z0[index])
             mask[index] = m
-            source[index] = 2
+            source[index] = Provenance.APPEARANCE
         label = (mask.flatten(1).amax(1) > 0).float()
         return SyntheticBatch(z, mask, label, source)

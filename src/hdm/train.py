@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from .config import HDMConfig
-from .dagm import DAGM, appearance_anomaly, foreign_textures, grid_mask
+from .dagm import DAGM, Provenance, SyntheticBatch, appearance_anomaly, foreign_textures, grid_mask
 from .data import load_images_resized
 from .model import HDM, to_model_input
 from .pom import adapt_tau, filter_samples, hybrid_loss, map_losses, masked_change, refinement_losses
@@ -78,6 +78,15 @@ def build_appearance_pool(space: FeatureSpace, images: np.ndarray, config: HDMCo
     shape = (len(images), per_image)
     return (Features(*(part.view(*shape, *part.shape[1:]) for part in features)),
             torch.stack(masks).view(*shape, 1, space.fine_grid, space.fine_grid))
+
+
+def refinement_inputs(batch: SyntheticBatch, normal_fine: torch.Tensor, appearance_fine: torch.Tensor,
+                      diffusion_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stride-4 features, loss weight) per sample for the refinement: an appearance sample's own
+    features, the clean image's for everything else (diffusion content exists only in z)."""
+    fine = torch.where(batch.from_(Provenance.APPEARANCE).view(-1, 1, 1, 1), appearance_fine, normal_fine)
+    weight = torch.where(batch.from_(Provenance.DIFFUSION), diffusion_weight, 1.0)
+    return fine, weight
 
 
 @dataclass
@@ -188,8 +197,8 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
             keep, small, large = filter_samples(masked_change(batch.z, z0, batch.z_mask()),
                                                 config.pom.change_low, config.pom.change_high)
             drop = synthetic & ~keep
-            batch.z[drop], batch.mask[drop], batch.label[drop] = z0[drop], 0.0, 0.0
-            from_diffusion = batch.source == 1
+            from_diffusion = batch.from_(Provenance.DIFFUSION)
+            batch.revert(drop, z0)
             dagm.tau = adapt_tau(dagm.tau, int((small & from_diffusion).sum()), int((large & from_diffusion).sum()),
                                  int(from_diffusion.sum()), config.pom)
             history.rejected += int(drop.sum())
@@ -201,8 +210,7 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
         logits = ddm.head(batch.z, z0_hat)
         losses = map_losses(logits, batch.z_mask(), batch.label, config.pom, config.ddm.top_k)
         if ddm.refinement is not None:
-            fine = torch.where((batch.source == 2).view(-1, 1, 1, 1), af, f0)
-            weight = torch.where(batch.source == 1, config.pom.refine_diffusion_weight, 1.0)
+            fine, weight = refinement_inputs(batch, f0, af, config.pom.refine_diffusion_weight)
             losses.update(refinement_losses(*ddm.refinement.residual(logits, fine), batch.mask, weight, config.pom))
         total = l_simple + l_vlb + sum(losses.values())
 
