@@ -36,7 +36,9 @@ def evaluation(tmp_path):
     size, predictions, masks, maps, labels = 32, [], [], [], []
     for i in range(8):
         label = int(i >= 4)
-        path = save(tmp_path / "imgs" / f"{i}.png", rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
+        # Half the names as long as brain_flair's, which used to run into the next card.
+        name = f"TCGA_CS_4941_19960909_slice_{i}.png" if i % 2 else f"{i}.png"
+        path = save(tmp_path / "imgs" / name, rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
         mask = np.zeros((size, size), bool)
         if label:
             mask[8:16, 8:20] = True
@@ -77,3 +79,14 @@ def test_gallery_puts_the_worst_misses_and_false_alarms_first():
     scores = np.array([0.2, 0.9, 0.95, 0.05, 0.4])  # 0.9: false alarm; 0.05 and 0.4: misses
     order = gallery_order(labels, scores, image_threshold=0.5)
     assert list(order[:3]) == [3, 1, 4]  # the farthest on the wrong side of the threshold first
+
+
+def test_long_names_are_cut_to_the_card_with_the_whole_name_on_hover(evaluation, tmp_path):
+    page = tmp_path / "report.html"
+    write_report(page, evaluation, (0.6, 0.6), "unit report", image_size=32)
+    text = page.read_text()
+    captions = re.findall(r'<span class="name" title="([^"]*)">([^<]*)</span>', text)
+    assert len(captions) == 8 and all(title == shown for title, shown in captions)
+    assert any(title.endswith("TCGA_CS_4941_19960909_slice_5.png") for title, _ in captions)
+    rule = re.search(r"\.name \{([^}]*)\}", text).group(1)
+    assert "overflow: hidden" in rule and "text-overflow: ellipsis" in rule and "white-space: nowrap" in rule

@@ -39,6 +39,8 @@ th { background: #f2f2f2; } td:first-child, th:first-child { text-align: left; }
 .gallery { display: flex; flex-wrap: wrap; gap: 10px; }
 figure { margin: 0; width: 200px; font-size: 12px; }
 figure img { width: 200px; height: 200px; display: block; }
+/* Long file names (a patient id and slice number) are cut to the card's width; the whole name shows on hover. */
+.name { display: block; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
 .miss, .false_alarm { color: #b00; font-weight: bold; } .hit, .ok { color: #070; }
 """
 
@@ -143,7 +145,7 @@ def write_report(path: Path, evaluation: Evaluation, thresholds: tuple[float, fl
         outcome = _outcome(int(labels[index]), bool(scores[index] >= image_threshold))
         name = html.escape(f"{prediction.sample.defect_type}/{prediction.sample.path.name}")
         cards.append(f'<figure><img alt="{name}" src="{thumbnail(image, maps[index], masks[index], pixel_threshold)}">'
-                     f'<figcaption>{name}<br>score {scores[index]:.4f} '
+                     f'<figcaption><span class="name" title="{name}">{name}</span>score {scores[index]:.4f} '
                      f'<span class="{outcome}">{outcome.replace("_", " ")}</span></figcaption></figure>')
 
     page = f"""<!DOCTYPE html>
