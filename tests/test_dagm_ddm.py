@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from hdm.config import DAGMConfig, DDMConfig
-from hdm.dagm import DAGM, Provenance, appearance_anomaly, grid_mask, shuffled_patches
+from hdm.dagm import DAGM, Provenance, appearance_anomaly, foreign_textures, grid_mask, is_grayscale, shuffled_patches
 from hdm.ddm import DDM, Refinement, gaussian_kernel, smooth
 from hdm.denoiser import Denoiser
 from hdm.diffusion import GaussianDiffusion
@@ -85,6 +85,19 @@ def test_appearance_anomaly_changes_only_the_masked_pixels():
         assert np.array_equal(out[~mask], image[~mask])
     soft = grid_mask(mask, 8)
     assert soft.shape == (1, 8, 8) and 0 < soft.mean() <= 1
+
+
+def test_a_grayscale_surface_gets_grayscale_anomalies_of_every_family():
+    rng = np.random.default_rng(0)
+    gray = np.repeat(rng.integers(0, 255, (3, 64, 64, 1), dtype=np.uint8), 3, axis=3)
+    assert is_grayscale(gray) and not is_grayscale(rng.integers(0, 255, (1, 8, 8, 3), dtype=np.uint8))
+    textures = foreign_textures(64)
+    changed = 0
+    for _ in range(24):  # four families, drawn at random
+        out, mask = appearance_anomaly(gray[0], gray[1], textures, rng, DAGMConfig(), grayscale=True)
+        assert is_grayscale(out[None])
+        changed += int(not np.array_equal(out[mask], gray[0][mask]))
+    assert changed >= 20
 
 
 def test_shuffled_patches_keep_the_pixels():

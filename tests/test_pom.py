@@ -1,10 +1,12 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from hdm.config import POMConfig
-from hdm.pom import (adapt_tau, cell_targets, filter_samples, focal_loss, map_losses, masked_change, refinement_losses,
-                     top_k_mean)
+from hdm.pom import (NormalDensity, adapt_tau, cell_targets, coreset, filter_samples, focal_loss, map_losses,
+                     masked_change, refinement_losses, top_k_mean)
 
 
 def test_masked_change_measures_only_inside_the_mask():
@@ -103,3 +105,49 @@ def test_refinement_losses_see_the_refined_logits_whatever_their_split():
     whole = refinement_losses(up + residual, torch.zeros_like(up), mask, torch.ones(2), config)
     for key in ("refine_focal", "refine_l1"):
         assert split[key].item() == pytest.approx(whole[key].item())
+
+
+def test_coreset_keeps_the_rare_patterns_a_uniform_sample_misses():
+    generator = torch.Generator().manual_seed(0)
+    common = torch.randn(2000, 8, generator=generator) * 0.1
+    rare = torch.full((3, 8), 5.0) + torch.arange(3.0)[:, None]  # three far-apart outliers
+    cells = torch.cat([common, rare])
+    chosen = coreset(cells, 12, generator)
+    assert len(set(chosen.tolist())) == 12
+    assert {2000, 2001, 2002} <= set(chosen.tolist())
+
+
+def test_density_distance_is_the_nearest_bank_cell():
+    generator = torch.Generator().manual_seed(0)
+    density = NormalDensity(channels=5, size=64, chunks=3)
+    density.fit(torch.randn(4, 5, 6, 6, generator=generator), generator)
+    z = torch.randn(2, 5, 3, 3, generator=generator)
+    cells = z.permute(0, 2, 3, 1).reshape(-1, 5)
+    expected = torch.cdist(cells, density.bank).min(1).values.view(2, 3, 3)
+    assert torch.allclose(density.distance(z)[:, 0], expected, atol=1e-4)
+
+
+def test_each_voice_is_measured_on_held_out_normal_images():
+    generator = torch.Generator().manual_seed(0)
+    density = NormalDensity(channels=6, size=256)
+    density.fit(torch.randn(40, 6, 8, 8, generator=generator), generator)
+    held_out = density(torch.randn(10, 6, 8, 8, generator=generator), 8)
+    head = torch.randn(10, 1, 8, 8, generator=generator) - 5.0
+    density.fit_null(head, held_out)
+    assert torch.isclose(density.head_loc, head.median()) and density.head_top > density.head_loc
+    assert torch.isclose(density.prior_top, held_out.flatten(1).amax(1).mean())
+    far = density(torch.randn(10, 6, 8, 8, generator=generator) + 8.0, 8)
+    # far from every normal cell: the fused map says so even where the head stays at its normal level
+    fused = density.fuse(torch.full_like(far, -5.0), far)
+    assert fused.min() > density.head_top
+
+
+def test_fusion_lets_the_more_unusual_voice_speak_in_the_head_units():
+    density = NormalDensity(channels=1, size=4)
+    density.fit_null(torch.tensor([-6.0, -5.0, -5.0, -5.0, -4.0]).view(1, 1, 1, 5),  # head: median -5, maximum -4
+                     torch.tensor([0.0, 0.0, 0.5, 1.0, 2.0]).view(1, 1, 1, 5))  # prior: median 0.5, maximum 2
+    assert float(density.head_top) == -4.0 and float(density.prior_top) == 2.0
+    head = torch.tensor([-5.0, 2.0, -5.0]).view(1, 1, 1, 3)
+    prior = torch.tensor([3.5, 0.5, 0.5]).view(1, 1, 1, 3)  # 2 units, 0 units, 0 units above the normal median
+    fused = density.fuse(head, prior)
+    assert torch.allclose(fused, torch.tensor([-5.0 + 2 * 1.0, 2.0, -5.0]).view(1, 1, 1, 3))

@@ -42,7 +42,8 @@ class DAGMConfig:
     warmup_fraction: float = 0.3  # the share ramps up over this fraction of training
     opacity: tuple[float, float] = (0.5, 1.0)
     perlin_threshold: float = 0.5
-    appearance_per_image: int = 2  # pixel-space anomalies encoded per training image
+    appearance_per_image: int = 2  # pixel-space anomalies encoded per training image ...
+    appearance_pool_max: int = 1024  # ... fewer (at least one) where that would exceed this many
     # Keep the change the encoder's receptive field spreads from an appearance anomaly into cells
     # outside its mask. Real defects spread the same way and those cells are normal targets, so the
     # head learns to keep its map inside the defect; cutting z back to the mask taught it that any
@@ -99,6 +100,10 @@ class POMConfig:
     # refinement lifted the normal surface of unseen bottles, unevenly, and faint contamination
     # sank among it (bench/results/accuracy.md ablation).
     lambda_refine_raise: float = 0.02
+    # Normal z cells in the bank of POM's density prior (0 = no prior), which flags cells unlike any
+    # normal one where the head, trained on DAGM's samples only, stays silent: brain MRI tumours and
+    # the uneven surfaces of magnetic tiles look like nothing DAGM makes. Its cost grows with the bank.
+    density_bank: int = 4096
 
 
 @dataclass
@@ -167,6 +172,7 @@ class HDMConfig:
             (0.0 < self.pom.full_cell_coverage <= 1.0, "pom.full_cell_coverage must lie in (0, 1]"),
             (self.pom.refine_diffusion_weight >= 0.0, "pom.refine_diffusion_weight must be >= 0"),
             (self.pom.lambda_refine_raise >= 0.0, "pom.lambda_refine_raise must be >= 0"),
+            (self.pom.density_bank >= 0, "pom.density_bank must be >= 0"),
             (self.ddm.refine_width > 0, "ddm.refine_width must be > 0"),
             (self.train.checkpoint_every > 0, "train.checkpoint_every must be > 0"),
             (0.0 < self.calibration.holdout < 1.0, "calibration.holdout must lie in (0, 1)"),

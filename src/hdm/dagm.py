@@ -5,7 +5,7 @@ Anomalous training samples with masks, made from normal z_0 only:
 - content (a): reverse diffusion from z_{t_a} with the EMA denoiser and variance (1 + tau) Sigma_theta,
   which pushes the sample off the normal manifold;
 - content (b): appearance anomalies made in pixel space (another image's shuffled patches, a foreign
-  texture, an intensity shift) and encoded; the share of (a) grows as the denoiser learns;
+  texture, a stain, a local change of brightness; grey on grayscale surfaces) and encoded; the share of (a) grows as the denoiser learns;
 - composite with random opacity: (a) inside the mask in z, (b) in pixels, its z taken whole with the
   change the encoder spreads beyond the mask (those cells stay normal targets); about half of each
   batch stays normal.
@@ -53,30 +53,46 @@ def shuffled_patches(image: np.ndarray, rng: np.random.Generator, grid: int = 8)
     return out
 
 
+def is_grayscale(images: np.ndarray) -> bool:
+    """True when every image has R = G = B: the camera sees no colour, so neither may a synthetic defect."""
+    return bool((images[..., :1] == images).all())
+
+
 def appearance_content(image: np.ndarray, other: np.ndarray, textures: list[np.ndarray],
-                       rng: np.random.Generator) -> np.ndarray:
-    """Pixel-space anomalous content for `image` (uint8 HxWx3), drawn from one of three families."""
-    kind = int(rng.integers(3))
+                       rng: np.random.Generator, grayscale: bool = False) -> np.ndarray:
+    """Pixel-space anomalous content for `image` (uint8 HxWx3), drawn from one of four families.
+
+    Tints and stain colours are grey on a grayscale surface: random colours on a grey part are
+    trivially told apart, and the head learned colour instead of defects (brain MRI, magnetic tile).
+    """
+    kind = int(rng.integers(4))
+    size = image.shape[0]
     if kind == 0:
         content = shuffled_patches(other, rng, grid=int(rng.choice([4, 8, 16])))
     elif kind == 1:
         texture = textures[int(rng.integers(len(textures)))].astype(np.float32)
-        tint = rng.uniform(0.4, 1.2, size=3)
+        tint = np.full(3, rng.uniform(0.4, 1.2)) if grayscale else rng.uniform(0.4, 1.2, size=3)
         content = np.clip(texture * tint, 0, 255)
+    elif kind == 2:
+        # Perlin blotches of one colour: stains, corrosion, discolouration.
+        field = np.abs(perlin_2d((size, size), (int(rng.integers(2, 16)),) * 2, rng))[..., None]
+        colour = np.full(3, rng.uniform(0, 255)) if grayscale else rng.uniform(0, 255, size=3)
+        content = image.astype(np.float32) * (1 - field) + colour * field
     else:
-        # Coloured Perlin blotches: stains, corrosion, discolouration.
-        size = image.shape[0]
-        field = perlin_2d((size, size), (int(rng.integers(2, 16)),) * 2, rng)
-        colour = rng.uniform(0, 255, size=3)
-        content = np.clip(image.astype(np.float32) * (1 - np.abs(field[..., None])) + colour * np.abs(field[..., None]), 0, 255)
-    return np.asarray(content, dtype=np.uint8)
+        # A smooth local change of brightness: lesions brighter or darker than their tissue, uneven
+        # surfaces, shadows. Nothing else of the image changes, so only its intensity can give it away.
+        field = np.abs(perlin_2d((size, size), (int(rng.integers(1, 8)),) * 2, rng))[..., None]
+        gain = np.exp(rng.uniform(-1.0, 1.0) * rng.choice([-1.0, 1.0]))
+        content = image.astype(np.float32) * (1 + (gain - 1) * np.clip(2 * field, 0, 1))
+    return np.asarray(np.clip(content, 0, 255), dtype=np.uint8)
 
 
 def appearance_anomaly(image: np.ndarray, other: np.ndarray, textures: list[np.ndarray],
-                       rng: np.random.Generator, config: DAGMConfig) -> tuple[np.ndarray, np.ndarray]:
+                       rng: np.random.Generator, config: DAGMConfig,
+                       grayscale: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(anomalous image, boolean pixel mask) with the content blended in at a random opacity."""
     mask = perlin_mask(image.shape[0], rng, threshold=config.perlin_threshold)
-    content = appearance_content(image, other, textures, rng).astype(np.float32)
+    content = appearance_content(image, other, textures, rng, grayscale).astype(np.float32)
     opacity = rng.uniform(*config.opacity)
     weight = (mask.astype(np.float32) * opacity)[..., None]
     out = image.astype(np.float32) * (1 - weight) + content * weight

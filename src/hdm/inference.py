@@ -81,7 +81,18 @@ def evaluate(model: HDM, samples: list[Sample], batch_size: int = 16, progress: 
 
 
 def calibrate(model: HDM, paths: list[Path], target_fpr: float, batch_size: int = 16, progress: bool = True) -> None:
-    """POM's calibration on held-out normal images: fit the model's score-to-probability mapping and thresholds."""
+    """POM's calibration on held-out normal images: how DDM's head and the density prior behave on normal
+    cells, which sets how they are fused, then the score-to-probability mapping and thresholds of the map."""
+    if model.density is not None:
+        logits, priors = [], []
+        with torch.inference_mode():
+            for batch in iter_batches([Sample(p, 0) for p in paths], model.image_size, batch_size):
+                if any(batch.errors):
+                    raise HDMInputError(next(e for e in batch.errors if e))
+                features, head = model.head_logits(to_model_input(batch.images))
+                logits.append(head)
+                priors.append(model.density(features.z, head.shape[-1]))
+        model.density.fit_null(torch.cat(logits), torch.cat(priors))
     scores, maxima = [], []
     for prediction in predict_samples(model, [Sample(p, 0) for p in paths], batch_size, progress, desc="calibrate"):
         if prediction.error:

@@ -90,3 +90,21 @@ def threshold_metrics(image_labels: np.ndarray, image_scores: np.ndarray, masks:
         "pixel_fpr_at_threshold": rate(masked[~masks]),
         "pixel_normal_part_fpr": rate(masked.reshape(len(labels), -1).any(1)[~labels]),
     }
+
+
+def per_type_metrics(defect_types: list[str], image_labels: np.ndarray, image_scores: np.ndarray,
+                     masks: np.ndarray, maps: np.ndarray) -> dict[str, dict[str, float]]:
+    """Image AUROC, pixel AUROC and AUPRO of each defect type against all normal images, and the
+    number of images of that type. Types whose masks are all empty get image AUROC only."""
+    labels = np.asarray(image_labels).astype(bool)
+    types = np.asarray(defect_types)
+    out = {}
+    for kind in sorted(set(types[labels])):
+        chosen = ~labels | (types == kind)
+        row = {"images": int((types == kind).sum()),
+               "image_auroc": float(roc_auc_score(labels[chosen], np.asarray(image_scores)[chosen]))}
+        if masks[chosen].any():
+            row["pixel_auroc"] = float(roc_auc_score(masks[chosen].reshape(-1), maps[chosen].reshape(-1)))
+            row["pixel_aupro"] = aupro(masks[chosen], maps[chosen])
+        out[str(kind)] = row
+    return out

@@ -9,12 +9,12 @@ from .config import HDMConfig
 from .ddm import DDM
 from .denoiser import Denoiser
 from .diffusion import GaussianDiffusion
-from .pom import Calibration
-from .space import build_space
+from .pom import Calibration, NormalDensity
+from .space import Features, build_space
 
 
 class HDM(nn.Module):
-    """Feature space + denoiser (EMA weights) + DDM head and refinement.
+    """Feature space + denoiser (EMA weights) + DDM head and refinement + POM's density prior.
 
     Inference uses one fixed draw of forward-process noise, stored with the weights, so a given
     image always gets the same map, in torch and in any exported graph.
@@ -30,6 +30,7 @@ class HDM(nn.Module):
         self.diffusion = GaussianDiffusion.linear(d.timesteps, d.beta_start, d.beta_end)
         self.denoiser = Denoiser(channels, d.width, d.depth)
         self.ddm = DDM(config.ddm, self.diffusion, channels, self.space.fine_channels)
+        self.density = NormalDensity(channels, config.pom.density_bank) if config.pom.density_bank else None
         generator = torch.Generator().manual_seed(config.train.seed)
         self.register_buffer("noise", torch.randn(1, channels, grid, grid, generator=generator))
         self.calibration = Calibration()
@@ -40,9 +41,15 @@ class HDM(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images: B x 3 x S x S floats in [0, 1] -> (B x 1 x S x S map in [0, 1], B scores)."""
-        features = self.space(images)
-        logits = self.ddm.logits(features, self.denoiser, self.noise.expand_as(features.z))
+        features, logits = self.head_logits(images)
+        if self.density is not None:
+            logits = self.density.fuse(logits, self.density(features.z, logits.shape[-1]))
         return self.ddm.postprocess(self.space.to_pixels(torch.sigmoid(logits)))
+
+    def head_logits(self, images: torch.Tensor) -> tuple[Features, torch.Tensor]:
+        """DDM alone: the features and the head's (refined) anomaly logits, before POM's prior."""
+        features = self.space(images)
+        return features, self.ddm.logits(features, self.denoiser, self.noise.expand_as(features.z))
 
     @property
     def pixel_threshold(self) -> float:

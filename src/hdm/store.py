@@ -17,9 +17,10 @@ from .config import HDMConfig
 from .data import HDMInputError
 
 CHECKPOINT_FORMAT = "hdm-checkpoint"
-CHECKPOINT_VERSION = 3  # 2: calibration buffers and configuration; 3: stride-4 statistics and refinement
+CHECKPOINT_VERSION = 4  # 2: calibration buffers and configuration; 3: stride-4 statistics and refinement;
+# 4: POM's density prior
 TRAINING_STATE_FORMAT = "hdm-training-state"
-TRAINING_STATE_VERSION = 2  # 2: the DDM's head and refinement saved together
+TRAINING_STATE_VERSION = 3  # 2: the DDM's head and refinement saved together; 3: DAGM's four appearance families
 
 
 def _umask() -> int:

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from .config import HDMConfig
-from .dagm import DAGM, Provenance, SyntheticBatch, appearance_anomaly, foreign_textures, grid_mask
+from .dagm import DAGM, Provenance, SyntheticBatch, appearance_anomaly, foreign_textures, grid_mask, is_grayscale
 from .data import load_images_resized
 from .model import HDM, to_model_input
 from .pom import adapt_tau, filter_samples, hybrid_loss, map_losses, masked_change, refinement_losses
@@ -65,13 +65,14 @@ def build_appearance_pool(space: FeatureSpace, images: np.ndarray, config: HDMCo
                           rng: np.random.Generator, progress: bool) -> tuple[Features, torch.Tensor]:
     """Pixel-space anomalies (DAGM content b), encoded once: features with N x k leading dimensions
     and soft masks on the stride-4 grid."""
-    per_image = config.dagm.appearance_per_image
+    per_image = max(1, min(config.dagm.appearance_per_image, config.dagm.appearance_pool_max // len(images)))
     textures = foreign_textures(images.shape[1])
+    grayscale = is_grayscale(images)
     made, masks = [], []
     for index in range(len(images)):
         for _ in range(per_image):
             other = images[int(rng.integers(len(images)))]
-            image, mask = appearance_anomaly(images[index], other, textures, rng, config.dagm)
+            image, mask = appearance_anomaly(images[index], other, textures, rng, config.dagm, grayscale)
             made.append(image)
             masks.append(grid_mask(mask, space.fine_grid))
     features = space.normalise(encode(space, np.stack(made), desc="encode anomalies", progress=progress))
@@ -152,6 +153,8 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
     space.fit_statistics(raw)
     normal = space.normalise(raw)
     appearance, app_mask = build_appearance_pool(space, images, config, rng, progress)
+    if model.density is not None:
+        model.density.fit(normal.z, torch.Generator().manual_seed(config.train.seed))
     log(f"cached features of {len(images)} normal images and {app_mask.shape[0] * app_mask.shape[1]} appearance anomalies "
         f"({time.perf_counter() - started:.0f}s)")
 
