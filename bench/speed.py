@@ -94,6 +94,9 @@ def main() -> None:
     rows = {}
     rows["HDM model, batch 16"] = median_rate(batched(model, images, 16), n, args.repeats)
     rows["HDM model, batch 1"] = median_rate(batched(model, images[:16], 1), 16, args.repeats)
+    without_prior = HDMConfig.from_dict({**model.config.to_dict(), "pom": {**model.config.to_dict()["pom"], "density_bank": 0}})
+    rows["HDM model without POM's density prior, batch 16"] = median_rate(
+        batched(HDM(without_prior).eval(), images, 16), n, args.repeats)
     export_onnx(model, work / "model.onnx")
     rows["HDM exported, onnxruntime, batch 16"] = median_rate(batched(OnnxDetector(work / "model.onnx"), images, 16), n, args.repeats)
     rows["frozen encoder alone, batch 16"] = median_rate(batched(model.space, images, 16), n, args.repeats)
