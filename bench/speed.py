@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from copy import deepcopy
 from pathlib import Path
 
 import torch
@@ -94,7 +95,8 @@ def main() -> None:
     rows = {}
     rows["HDM model, batch 16"] = median_rate(batched(model, images, 16), n, args.repeats)
     rows["HDM model, batch 1"] = median_rate(batched(model, images[:16], 1), 16, args.repeats)
-    without_prior = HDMConfig.from_dict({**model.config.to_dict(), "pom": {**model.config.to_dict()["pom"], "density_bank": 0}})
+    without_prior = deepcopy(model.config)
+    without_prior.pom.density_bank = 0
     rows["HDM model without POM's density prior, batch 16"] = median_rate(
         batched(HDM(without_prior).eval(), images, 16), n, args.repeats)
     export_onnx(model, work / "model.onnx")

@@ -81,22 +81,19 @@ def evaluate(model: HDM, samples: list[Sample], batch_size: int = 16, progress: 
 
 
 def calibrate(model: HDM, paths: list[Path], target_fpr: float, batch_size: int = 16, progress: bool = True) -> None:
-    """POM's calibration on held-out normal images: how DDM's head and the density prior behave on normal
-    cells, which sets how they are fused, then the score-to-probability mapping and thresholds of the map."""
-    if model.density is not None:
-        logits, priors = [], []
-        with torch.inference_mode():
-            for batch in iter_batches([Sample(p, 0) for p in paths], model.image_size, batch_size):
-                if any(batch.errors):
-                    raise HDMInputError(next(e for e in batch.errors if e))
-                features, head = model.head_logits(to_model_input(batch.images))
-                logits.append(head)
-                priors.append(model.density(features.z, head.shape[-1]))
-        model.density.fit_null(torch.cat(logits), torch.cat(priors))
-    scores, maxima = [], []
-    for prediction in predict_samples(model, [Sample(p, 0) for p in paths], batch_size, progress, desc="calibrate"):
-        if prediction.error:
-            raise HDMInputError(prediction.error)
-        scores.append(prediction.score)
-        maxima.append(float(prediction.map.max()))
-    model.calibration.fit(np.array(scores), np.array(maxima), target_fpr)
+    """POM's calibration on held-out normal images, in one pass over them: how DDM's head and the density
+    prior behave on normal cells, which sets how they are fused, then the score-to-probability mapping
+    and thresholds of the fused map."""
+    voices = []
+    with torch.inference_mode(), tqdm(total=len(paths), desc="calibrate", disable=not progress, leave=False) as bar:
+        for batch in iter_batches([Sample(p, 0) for p in paths], model.image_size, batch_size):
+            if any(batch.errors):
+                raise HDMInputError(next(e for e in batch.errors if e))
+            voices.append(model.voices(to_model_input(batch.images)))
+            bar.update(len(batch.samples))
+        if model.density is not None:
+            model.density.fit_null(torch.cat([logits for logits, _ in voices]), torch.cat([prior for _, prior in voices]))
+        finished = [model.finish(logits, prior) for logits, prior in voices]
+    scores = torch.cat([s for _, s in finished]).numpy()
+    maxima = torch.cat([maps.flatten(1).amax(1) for maps, _ in finished]).numpy()
+    model.calibration.fit(scores, maxima, target_fpr)

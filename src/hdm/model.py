@@ -10,7 +10,7 @@ from .ddm import DDM
 from .denoiser import Denoiser
 from .diffusion import GaussianDiffusion
 from .pom import Calibration, NormalDensity
-from .space import Features, build_space
+from .space import build_space
 
 
 class HDM(nn.Module):
@@ -41,15 +41,20 @@ class HDM(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images: B x 3 x S x S floats in [0, 1] -> (B x 1 x S x S map in [0, 1], B scores)."""
-        features, logits = self.head_logits(images)
-        if self.density is not None:
-            logits = self.density.fuse(logits, self.density(features.z, logits.shape[-1]))
-        return self.ddm.postprocess(self.space.to_pixels(torch.sigmoid(logits)))
+        return self.finish(*self.voices(images))
 
-    def head_logits(self, images: torch.Tensor) -> tuple[Features, torch.Tensor]:
-        """DDM alone: the features and the head's (refined) anomaly logits, before POM's prior."""
+    def voices(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """DDM's head logits (refined) and POM's density prior on the same grid (None without a prior),
+        before they are fused."""
         features = self.space(images)
-        return features, self.ddm.logits(features, self.denoiser, self.noise.expand_as(features.z))
+        logits = self.ddm.logits(features, self.denoiser, self.noise.expand_as(features.z))
+        return logits, None if self.density is None else self.density(features.z, logits.shape[-1])
+
+    def finish(self, logits: torch.Tensor, prior: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`voices` -> (B x 1 x S x S map in [0, 1], B scores)."""
+        if prior is not None:
+            logits = self.density.fuse(logits, prior)
+        return self.ddm.postprocess(self.space.to_pixels(torch.sigmoid(logits)))
 
     @property
     def pixel_threshold(self) -> float:
