@@ -99,6 +99,10 @@ def main() -> None:
     without_prior.pom.density_bank = 0
     rows["HDM model without POM's density prior, batch 16"] = median_rate(
         batched(HDM(without_prior).eval(), images, 16), n, args.repeats)
+    pooled_prior = deepcopy(model.config)
+    pooled_prior.pom.density_pool = 2
+    rows["HDM model, the prior on 2x2 means of z cells (pom.density_pool=2), batch 16"] = median_rate(
+        batched(HDM(pooled_prior).eval(), images, 16), n, args.repeats)
     export_onnx(model, work / "model.onnx")
     rows["HDM exported, onnxruntime, batch 16"] = median_rate(batched(OnnxDetector(work / "model.onnx"), images, 16), n, args.repeats)
     rows["frozen encoder alone, batch 16"] = median_rate(batched(model.space, images, 16), n, args.repeats)

@@ -1,10 +1,11 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hdm.config import DAGMConfig, DDMConfig
 from hdm.dagm import DAGM, Provenance, appearance_anomaly, foreign_textures, grid_mask, is_grayscale, shuffled_patches
-from hdm.ddm import DDM, Refinement, gaussian_kernel, smooth
+from hdm.ddm import DDM, Refinement, blur_matrix, gaussian_kernel, smooth
 from hdm.denoiser import Denoiser
 from hdm.diffusion import GaussianDiffusion
 from hdm.space import Features
@@ -110,14 +111,14 @@ def test_shuffled_patches_keep_the_pixels():
 @pytest.mark.parametrize("mode", ["one_step", "norm_guided", "k_step"])
 def test_every_denoising_mode_recovers_z0_with_an_oracle(diffusion, mode):
     z0 = torch.randn(2, C, G, G)
-    ddm = DDM(DDMConfig(mode=mode, t_s=200, k_steps=3), diffusion, C, 4)
+    ddm = DDM(DDMConfig(mode=mode, t_s=200, k_steps=3), diffusion, C, 4, 64)
     z0_hat = ddm.denoise(z0, OracleDenoiser(diffusion, z0), torch.randn_like(z0))
     assert torch.allclose(z0_hat, z0, atol=1e-3)
 
 
 @pytest.mark.parametrize("refine,grid", [(True, M), (False, G)])
 def test_head_and_postprocessing_shapes(diffusion, refine, grid):
-    ddm = DDM(DDMConfig(refine=refine), diffusion, C, 4).eval()
+    ddm = DDM(DDMConfig(refine=refine), diffusion, C, 4, 64).eval()
     features = Features(torch.randn(3, C, G, G), torch.randn(3, 4, M, M))
     logits = ddm.logits(features, Denoiser(C, 16, 1), torch.randn_like(features.z))
     assert logits.shape == (3, 1, grid, grid)
@@ -144,11 +145,19 @@ def test_refinement_starts_from_the_upsampled_head_logits_and_redraws_edges_from
 
 
 def test_smoothing_keeps_constants_and_mass():
-    kernel = gaussian_kernel(4.0)
-    assert kernel.sum().item() == pytest.approx(1.0)
+    assert gaussian_kernel(4.0).sum().item() == pytest.approx(1.0)
     flat = torch.full((1, 1, 40, 40), 0.3)
-    assert torch.allclose(smooth(flat, kernel), flat, atol=1e-6)
+    assert torch.allclose(smooth(flat, blur_matrix(4.0, 40)), flat, atol=1e-6)
     spike = torch.zeros(1, 1, 64, 64)
     spike[0, 0, 32, 32] = 1.0
-    blurred = smooth(spike, kernel)
+    blurred = smooth(spike, blur_matrix(4.0, 64))
     assert blurred.sum().item() == pytest.approx(1.0, abs=1e-4) and blurred.max() < 0.02
+
+
+def test_smoothing_is_a_separable_blur_with_reflected_borders():
+    kernel = gaussian_kernel(2.0)
+    pad = kernel.numel() // 2
+    maps = torch.rand(2, 1, 24, 24)
+    rows = F.conv2d(F.pad(maps, (pad, pad, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+    expected = F.conv2d(F.pad(rows, (0, 0, pad, pad), mode="reflect"), kernel.view(1, 1, -1, 1))
+    assert torch.allclose(smooth(maps, blur_matrix(2.0, 24)), expected, atol=1e-6)

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
-from hdm.metrics import METRIC_KEYS, aupro, compute_metrics, f1_max, threshold_metrics
+from hdm.metrics import (METRIC_KEYS, aupro, compute_metrics, f1_max, per_group_metrics, per_type_metrics,
+                         threshold_metrics)
 
 
 def test_image_and_pixel_metrics_agree_with_sklearn():
@@ -83,3 +84,32 @@ def test_threshold_metrics_count_what_the_decisions_do():
     assert out["pixel_recall_at_threshold"] == 0.5  # 2 of the 4 defect pixels
     assert out["pixel_fpr_at_threshold"] == 1 / 12
     assert out["pixel_normal_part_fpr"] == 0.5
+
+
+def _scored_set():
+    """Six images: two normal and one defective in each of groups a and b; b's maps are pure noise."""
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 0, 1, 0, 0, 1])
+    masks = np.zeros((6, 8, 8), bool)
+    masks[2, 2:5, 2:5] = masks[5, 4:7, 1:4] = True
+    maps = rng.random((6, 8, 8)) * 0.5
+    maps[2] += masks[2]  # group a: the defect is found
+    scores = maps.reshape(6, -1).max(1)
+    scores[5] = 0.0  # group b: the defective image scores lowest
+    return ["a", "a", "a", "b", "b", "b"], labels, scores, masks, maps
+
+
+def test_per_group_metrics_compare_each_group_with_its_own_normals():
+    groups, labels, scores, masks, maps = _scored_set()
+    out = per_group_metrics(groups, labels, scores, masks, maps)
+    assert out["a"]["images"] == 3 and out["a"]["defective"] == 1
+    assert out["a"]["image_auroc"] == 1.0 and out["a"]["pixel_auroc"] == 1.0
+    assert out["b"]["image_auroc"] == 0.0 and out["b"]["pixel_auroc"] < 0.9
+
+
+def test_per_type_metrics_compare_each_type_with_all_normals():
+    _, labels, scores, masks, maps = _scored_set()
+    types = ["good", "good", "a", "good", "good", "b"]
+    out = per_type_metrics(types, labels, scores, masks, maps)
+    assert set(out) == {"a", "b"} and out["a"]["images"] == 1
+    assert out["a"]["image_auroc"] == 1.0 and out["b"]["image_auroc"] == 0.0

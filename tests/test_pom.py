@@ -149,3 +149,15 @@ def test_fusion_lets_the_more_unusual_voice_speak_in_the_head_units():
     prior = torch.tensor([3.5, 0.5, 0.5]).view(1, 1, 1, 3)  # 2 units, 0 units, 0 units above the normal median
     fused = density.fuse(head, prior)
     assert torch.allclose(fused, torch.tensor([-5.0 + 2 * 1.0, 2.0, -5.0]).view(1, 1, 1, 3))
+
+
+def test_pooled_prior_asks_the_bank_about_block_means():
+    generator = torch.Generator().manual_seed(0)
+    density = NormalDensity(channels=4, size=32, pool=2)
+    density.fit(torch.randn(8, 4, 8, 8, generator=generator) * 0.1, generator)
+    z = torch.randn(1, 4, 8, 8, generator=generator) * 0.1
+    z[:, :, 2:4, 4:6] += 6.0  # one 2x2 block of cells, unlike every normal cell
+    blocks = F.avg_pool2d(z, 2)
+    assert torch.allclose(density(z, 4).exp(), density.distance(blocks), atol=1e-4)
+    prior = density(z, 4)[0, 0]
+    assert prior.argmax() == 1 * 4 + 2 and (prior > prior[1, 2] - 1.0).sum() == 1

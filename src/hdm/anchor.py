@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .ddm import gaussian_kernel, smooth
+from .ddm import blur_matrix, smooth
 from .pom import NormalDensity, top_k_mean
 from .space import FeatureSpace
 from .train import encode
@@ -24,7 +24,7 @@ class NearestNeighbourAnchor(nn.Module):
         super().__init__()
         self.space = space
         self.image_size = space.config.image_size
-        self.register_buffer("kernel", gaussian_kernel(smooth_sigma), persistent=False)
+        self.register_buffer("blur", blur_matrix(smooth_sigma, self.image_size), persistent=False)
         self.top_k = top_k
         self.seed = seed
         self.density = NormalDensity(space.channels, bank_size)
@@ -37,5 +37,5 @@ class NearestNeighbourAnchor(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.space(images).z
-        maps = smooth(self.space.to_pixels(self.density.distance(z)), self.kernel)
+        maps = smooth(self.space.to_pixels(self.density.distance(z)), self.blur)
         return maps, top_k_mean(maps, self.top_k)

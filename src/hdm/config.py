@@ -104,6 +104,10 @@ class POMConfig:
     # normal one where the head, trained on DAGM's samples only, stays silent: brain MRI tumours and
     # the uneven surfaces of magnetic tiles look like nothing DAGM makes. Its cost grows with the bank.
     density_bank: int = 4096
+    # The prior may be asked about density_pool x density_pool means of z cells instead (2: a 16-pixel
+    # grid, a quarter of the search): faster, but a small defect's cell is averaged with its normal
+    # neighbours, which cost bottle 0.013 AUPRO (README, Results).
+    density_pool: int = 1
 
 
 @dataclass
@@ -173,6 +177,8 @@ class HDMConfig:
             (self.pom.refine_diffusion_weight >= 0.0, "pom.refine_diffusion_weight must be >= 0"),
             (self.pom.lambda_refine_raise >= 0.0, "pom.lambda_refine_raise must be >= 0"),
             (self.pom.density_bank >= 0, "pom.density_bank must be >= 0"),
+            (self.pom.density_pool >= 1 and (self.space.image_size // 8) % self.pom.density_pool == 0,
+             "pom.density_pool must be >= 1 and divide the z grid (space.image_size / 8)"),
             (self.ddm.refine_width > 0, "ddm.refine_width must be > 0"),
             (self.train.checkpoint_every > 0, "train.checkpoint_every must be > 0"),
             (0.0 < self.calibration.holdout < 1.0, "calibration.holdout must lie in (0, 1)"),

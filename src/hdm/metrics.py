@@ -108,3 +108,23 @@ def per_type_metrics(defect_types: list[str], image_labels: np.ndarray, image_sc
             row["pixel_aupro"] = aupro(masks[chosen], maps[chosen])
         out[str(kind)] = row
     return out
+
+
+def per_group_metrics(groups: list[str], image_labels: np.ndarray, image_scores: np.ndarray,
+                      masks: np.ndarray, maps: np.ndarray) -> dict[str, dict[str, float]]:
+    """Image AUROC, pixel AUROC and AUPRO within each group of test images (its own normal and
+    defective images, unlike `per_type_metrics`), with its image counts. A group with one class only
+    gets no image AUROC; one without defect pixels gets no pixel metrics."""
+    labels = np.asarray(image_labels).astype(bool)
+    groups = np.asarray(groups)
+    out = {}
+    for group in sorted(set(groups)):
+        chosen = groups == group
+        row = {"images": int(chosen.sum()), "defective": int(labels[chosen].sum())}
+        if 0 < row["defective"] < row["images"]:
+            row["image_auroc"] = float(roc_auc_score(labels[chosen], np.asarray(image_scores)[chosen]))
+        if masks[chosen].any() and not masks[chosen].all():
+            row["pixel_auroc"] = float(roc_auc_score(masks[chosen].reshape(-1), maps[chosen].reshape(-1)))
+            row["pixel_aupro"] = aupro(masks[chosen], maps[chosen])
+        out[str(group)] = row
+    return out

@@ -29,8 +29,9 @@ class HDM(nn.Module):
         d = config.diffusion
         self.diffusion = GaussianDiffusion.linear(d.timesteps, d.beta_start, d.beta_end)
         self.denoiser = Denoiser(channels, d.width, d.depth)
-        self.ddm = DDM(config.ddm, self.diffusion, channels, self.space.fine_channels)
-        self.density = NormalDensity(channels, config.pom.density_bank) if config.pom.density_bank else None
+        self.ddm = DDM(config.ddm, self.diffusion, channels, self.space.fine_channels, config.space.image_size)
+        self.density = (NormalDensity(channels, config.pom.density_bank, config.pom.density_pool)
+                        if config.pom.density_bank else None)
         generator = torch.Generator().manual_seed(config.train.seed)
         self.register_buffer("noise", torch.randn(1, channels, grid, grid, generator=generator))
         self.calibration = Calibration()

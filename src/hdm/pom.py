@@ -134,10 +134,15 @@ class NormalDensity(nn.Module):
     shown (tumours in brain MRI, uneven magnetic tiles); the head flags what DAGM showed it, sharper.
     `fuse` lets the more unusual of the two voices speak, each measured on held-out normal images
     (`fit_null`).
+
+    The bank holds cells of z's own grid; with `pool` > 1 the prior's voice (`forward`) is asked about
+    `pool` x `pool` means of z's cells (a quarter of the search at 2), still against unpooled bank
+    cells: a bank of pooled cells lost more.
     """
 
-    def __init__(self, channels: int, size: int, chunks: int = 8):
+    def __init__(self, channels: int, size: int, pool: int = 1, chunks: int = 8):
         super().__init__()
+        self.pool = pool
         self.chunks = chunks  # a constant count, so an exported graph stays valid for any batch size
         self.register_buffer("bank", torch.zeros(size, channels))
         self.register_buffer("bank_sq", torch.zeros(size))
@@ -187,7 +192,9 @@ class NormalDensity(nn.Module):
         return best
 
     def forward(self, z: torch.Tensor, size: int) -> torch.Tensor:
-        """The prior's voice on a size x size grid: the log-distance to the bank."""
+        """The prior's voice on a size x size grid: the log-distance of pooled z cells to the bank."""
+        if self.pool > 1:
+            z = F.avg_pool2d(z, self.pool)
         prior = self.distance(z).clamp_min(1e-6).log()
         return F.interpolate(prior, size=(size, size), mode="bilinear", align_corners=False)
 

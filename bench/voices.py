@@ -1,0 +1,105 @@
+"""How HDM's two voices (DDM's head, POM's density prior) and rules for fusing them score, per run.
+
+    .venv/bin/hdm fit --data ROOT --category C --steps 400 --out RUN      # one run per category
+    .venv/bin/python bench/voices.py --runs RUN ... [--per-class 150] [--out bench/results/voices.md]
+
+For each run: a seeded sample of its test set (up to --per-class normal and as many defective images)
+and its own calibration hold-out. Each voice is measured from its median in units of (mean per-image
+maximum - median) on the hold-out, as `NormalDensity.fuse` does; the rules then map the fused units
+back to the head's logits, so every row goes through the same sigmoid, smoothing and top-k score.
+Rows: each voice alone, the model's rule (max), and the mean of the two voices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hdm.data import Sample, iter_batches, load_mask, resize_mask
+from hdm.layouts import DataSource, holdout_split
+from hdm.metrics import compute_metrics
+from hdm.model import to_model_input
+from hdm.store import load_model
+
+RULES = {
+    "head alone": lambda head, prior: head,
+    "prior alone": lambda head, prior: prior,
+    "max (the model's rule)": torch.maximum,
+    "mean": lambda head, prior: (head + prior) / 2,
+}
+
+
+@torch.no_grad()
+def voices(model, samples: list[Sample]) -> dict:
+    out = {"head": [], "prior": [], "masks": [], "labels": []}
+    for batch in iter_batches(samples, model.image_size, 16):
+        head, prior = model.voices(to_model_input(batch.images))
+        out["head"].append(head)
+        out["prior"].append(prior)
+        for sample, shape in zip(batch.samples, batch.shapes):
+            mask = (load_mask(sample.mask_path, shape, sample.mask_nonzero) if sample.mask_path
+                    else np.zeros(shape, bool))
+            out["masks"].append(resize_mask(mask, model.image_size))
+            out["labels"].append(sample.label)
+    return {"head": torch.cat(out["head"]), "prior": torch.cat(out["prior"]),
+            "masks": np.stack(out["masks"]), "labels": np.array(out["labels"])}
+
+
+def units(values: torch.Tensor, held_out: torch.Tensor) -> torch.Tensor:
+    loc = held_out.median()
+    return (values - loc) / (held_out.flatten(1).amax(1).mean() - loc)
+
+
+def measure(run: Path, per_class: int) -> list[dict]:
+    model, extra = load_model(run / "model.pt")
+    if model.density is None:
+        raise SystemExit(f"bench: {run} has no density prior (pom.density_bank = 0)")
+    source = DataSource.from_dict(extra["source"])
+    rng = np.random.default_rng(0)
+    test = source.test_samples()
+    chosen = []
+    for label in (0, 1):
+        group = [s for s in test if s.label == label]
+        chosen += [group[i] for i in sorted(rng.choice(len(group), min(per_class, len(group)), replace=False))]
+    _, holdout = holdout_split([s.path for s in source.train_samples()], model.config.calibration.holdout,
+                               model.config.train.seed)
+    test_voices, held_out = voices(model, chosen), voices(model, [Sample(p, 0) for p in holdout])
+    head, prior = (units(test_voices[k], held_out[k]) for k in ("head", "prior"))
+    loc, top = held_out["head"].median(), held_out["head"].flatten(1).amax(1).mean()
+    rows = []
+    for name, rule in RULES.items():
+        logits = loc + (top - loc) * rule(head, prior)
+        maps, scores = model.ddm.postprocess(model.space.to_pixels(torch.sigmoid(logits)))
+        metrics = compute_metrics(test_voices["labels"], scores.numpy(), test_voices["masks"], maps[:, 0].numpy())
+        rows.append({"run": run.name, "category": source.category or "–", "rule": name, "test_images": len(chosen),
+                     "holdout_images": len(holdout), **metrics})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, nargs="+", required=True)
+    parser.add_argument("--per-class", type=int, default=150)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/voices.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    command = "python bench/voices.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    rows = [row for run in args.runs for row in measure(run, args.per_class)]
+    lines = [f"# HDM's voices and their fusion\n\nProduced by `{command}` from runs made by `hdm fit` (their "
+             f"`train_log.json` holds the settings).\n",
+             "| run | category | test images | hold-out images | rule | image AUROC | pixel AUROC | AUPRO |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['run']} | {r['category']} | {r['test_images']} | {r['holdout_images']} | {r['rule']} | "
+              f"{r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} | {r['pixel_aupro']:.4f} |" for r in rows]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
