@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hdm.data import Sample, iter_batches, load_mask, resize_mask
+from hdm.data import Sample, iter_batches, sample_mask
 from hdm.layouts import DataSource, holdout_split
 from hdm.metrics import compute_metrics
 from hdm.model import to_model_input
+from hdm.pom import normal_scale
 from hdm.store import load_model
 
 RULES = {
@@ -38,21 +39,21 @@ RULES = {
 def voices(model, samples: list[Sample]) -> dict:
     out = {"head": [], "prior": [], "masks": [], "labels": []}
     for batch in iter_batches(samples, model.image_size, 16):
+        if any(batch.errors):
+            raise SystemExit(f"bench: {next(e for e in batch.errors if e)}")
         head, prior = model.voices(to_model_input(batch.images))
         out["head"].append(head)
         out["prior"].append(prior)
         for sample, shape in zip(batch.samples, batch.shapes):
-            mask = (load_mask(sample.mask_path, shape, sample.mask_nonzero) if sample.mask_path
-                    else np.zeros(shape, bool))
-            out["masks"].append(resize_mask(mask, model.image_size))
+            out["masks"].append(sample_mask(sample, shape, model.image_size))
             out["labels"].append(sample.label)
     return {"head": torch.cat(out["head"]), "prior": torch.cat(out["prior"]),
             "masks": np.stack(out["masks"]), "labels": np.array(out["labels"])}
 
 
 def units(values: torch.Tensor, held_out: torch.Tensor) -> torch.Tensor:
-    loc = held_out.median()
-    return (values - loc) / (held_out.flatten(1).amax(1).mean() - loc)
+    loc, top = normal_scale(held_out)
+    return (values - loc) / (top - loc)
 
 
 def measure(run: Path, per_class: int) -> list[dict]:
@@ -70,7 +71,7 @@ def measure(run: Path, per_class: int) -> list[dict]:
                                model.config.train.seed)
     test_voices, held_out = voices(model, chosen), voices(model, [Sample(p, 0) for p in holdout])
     head, prior = (units(test_voices[k], held_out[k]) for k in ("head", "prior"))
-    loc, top = held_out["head"].median(), held_out["head"].flatten(1).amax(1).mean()
+    loc, top = normal_scale(held_out["head"])
     rows = []
     for name, rule in RULES.items():
         logits = loc + (top - loc) * rule(head, prior)

@@ -129,6 +129,13 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
 
 
+def sample_mask(sample: "Sample", shape: tuple[int, int], size: int) -> np.ndarray:
+    """A sample's ground-truth mask (empty without one) for its image of `shape`, nearest-resized to size x size."""
+    mask = (load_mask(sample.mask_path, shape, sample.mask_nonzero) if sample.mask_path
+            else np.zeros(shape, bool))
+    return resize_mask(mask, size)
+
+
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     if mask.shape == (size, size):
         return mask

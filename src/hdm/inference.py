@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data import HDMInputError, Sample, iter_batches, load_mask, resize_mask
+from .data import HDMInputError, Sample, iter_batches, sample_mask
 from .metrics import compute_metrics, threshold_metrics
 from .model import HDM, to_model_input
 
@@ -65,10 +65,7 @@ def evaluate(model: HDM, samples: list[Sample], batch_size: int = 16, progress: 
     for prediction in predict_samples(model, samples, batch_size, progress, desc="test"):
         if prediction.error:
             raise HDMInputError(prediction.error)
-        sample = prediction.sample
-        mask = (load_mask(sample.mask_path, prediction.shape, sample.mask_nonzero) if sample.mask_path
-                else np.zeros(prediction.shape, bool))
-        masks.append(resize_mask(mask, size))
+        masks.append(sample_mask(prediction.sample, prediction.shape, size))
         maps.append(prediction.map)
         predictions.append(prediction)
     labels = np.array([p.sample.label for p in predictions])

@@ -101,12 +101,8 @@ def per_type_metrics(defect_types: list[str], image_labels: np.ndarray, image_sc
     out = {}
     for kind in sorted(set(types[labels])):
         chosen = ~labels | (types == kind)
-        row = {"images": int((types == kind).sum()),
-               "image_auroc": float(roc_auc_score(labels[chosen], np.asarray(image_scores)[chosen]))}
-        if masks[chosen].any():
-            row["pixel_auroc"] = float(roc_auc_score(masks[chosen].reshape(-1), maps[chosen].reshape(-1)))
-            row["pixel_aupro"] = aupro(masks[chosen], maps[chosen])
-        out[str(kind)] = row
+        out[str(kind)] = {"images": int((types == kind).sum()),
+                          **_subset_metrics(chosen, labels, image_scores, masks, maps)}
     return out
 
 
@@ -120,11 +116,19 @@ def per_group_metrics(groups: list[str], image_labels: np.ndarray, image_scores:
     out = {}
     for group in sorted(set(groups)):
         chosen = groups == group
-        row = {"images": int(chosen.sum()), "defective": int(labels[chosen].sum())}
-        if 0 < row["defective"] < row["images"]:
-            row["image_auroc"] = float(roc_auc_score(labels[chosen], np.asarray(image_scores)[chosen]))
-        if masks[chosen].any() and not masks[chosen].all():
-            row["pixel_auroc"] = float(roc_auc_score(masks[chosen].reshape(-1), maps[chosen].reshape(-1)))
-            row["pixel_aupro"] = aupro(masks[chosen], maps[chosen])
-        out[str(group)] = row
+        out[str(group)] = {"images": int(chosen.sum()), "defective": int(labels[chosen].sum()),
+                           **_subset_metrics(chosen, labels, image_scores, masks, maps)}
     return out
+
+
+def _subset_metrics(chosen: np.ndarray, labels: np.ndarray, image_scores: np.ndarray, masks: np.ndarray,
+                    maps: np.ndarray) -> dict[str, float]:
+    """Image AUROC where the chosen images hold both classes; pixel AUROC and AUPRO where their masks
+    hold both defect and normal pixels."""
+    row = {}
+    if 0 < labels[chosen].sum() < chosen.sum():
+        row["image_auroc"] = float(roc_auc_score(labels[chosen], np.asarray(image_scores)[chosen]))
+    if masks[chosen].any() and not masks[chosen].all():
+        row["pixel_auroc"] = float(roc_auc_score(masks[chosen].reshape(-1), maps[chosen].reshape(-1)))
+        row["pixel_aupro"] = aupro(masks[chosen], maps[chosen])
+    return row

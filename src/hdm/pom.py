@@ -127,6 +127,13 @@ def coreset(cells: torch.Tensor, size: int, generator: torch.Generator, candidat
     return pool[chosen]
 
 
+def normal_scale(values: torch.Tensor) -> tuple[float, float]:
+    """A voice on held-out normal images (B x 1 x h x w) -> (its median, the mean of its per-image
+    maxima, kept above the median): the two points that `NormalDensity.fuse` measures it between."""
+    loc = float(values.median())
+    return loc, max(float(values.flatten(1).amax(1).mean()), loc + 1e-3)
+
+
 class NormalDensity(nn.Module):
     """POM's prior on the discrimination side: how unlike every normal cell a z cell is.
 
@@ -168,9 +175,9 @@ class NormalDensity(nn.Module):
         """Both voices on held-out normal images (B x 1 x h x w each, on the map's grid): images the
         head was not trained on and the bank was not drawn from, as a new part will be."""
         for name, values in (("head", head_logits), ("prior", prior)):
-            loc, top = float(values.median()), float(values.flatten(1).amax(1).mean())
+            loc, top = normal_scale(values)
             getattr(self, f"{name}_loc").fill_(loc)
-            getattr(self, f"{name}_top").fill_(max(top, loc + 1e-3))
+            getattr(self, f"{name}_top").fill_(top)
 
     def distance(self, z: torch.Tensor) -> torch.Tensor:
         """B x C x g x g -> B x 1 x g x g Euclidean distance to the nearest bank cell."""
@@ -205,7 +212,8 @@ class NormalDensity(nn.Module):
         on held-out normal images: at 1, a cell is as unusual as the most unusual cell of a typical
         normal image. A voice that is loud on normal parts (the head on brain anatomy it never saw
         defects in) is thereby turned down, and one that is quiet turned up. Measured against the
-        alternatives on held-out maps of three categories (README, Results): a noisy-OR of the prior's
+        alternatives on held-out maps of three categories (scratch measurements in the notes on issue 16;
+        `bench/voices.py` measures the mean rule beside this one): a noisy-OR of the prior's
         tail probability spilled the prior's false alarms over the head's sharp map (metal plate, magnetic
         tile); units of each voice's standard deviation let the head's hot spots on normal brain
         anatomy drown the tumours.
