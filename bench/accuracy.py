@@ -31,6 +31,7 @@ from hdm.inference import calibrate, evaluate
 from hdm.metrics import METRIC_KEYS, per_group_metrics, per_type_metrics
 from hdm.runtime import keep_freed_memory
 from hdm.space import FeatureSpace
+from hdm.store import write_bytes_atomic, write_json
 from hdm.train import fit
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -152,7 +153,7 @@ def shape_table(rows: list[dict]) -> str:
     return "\n".join(lines) if len(lines) > 2 else "No category has test images of more than one aspect group."
 
 
-def write(out: Path, commands: list[str], rows: list[dict]) -> None:
+def write(out: Path, commands: list[str], rows: list[dict], quiet: bool = False) -> None:
     made_by = " and ".join(f"`{c}`" for c in commands)
     order = {c: i for i, c in enumerate(CATEGORIES)}
     rows = sorted(rows, key=lambda r: order[r["category"]])  # stable: each part's order kept within a category
@@ -165,9 +166,9 @@ def write(out: Path, commands: list[str], rows: list[dict]) -> None:
             f"## Per image shape\n\nTest images grouped by their own aspect ratio (long side / short side) before "
             f"they are resized to the model's square.\n\n{shape_table(rows)}\n")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({"commands": commands, "rows": rows}, indent=2))
-    print(text)
+    write_bytes_atomic(out, text.encode())
+    write_json(out.with_suffix(".json"), {"commands": commands, "rows": rows})
+    print(json.dumps(rows[-1]) if quiet else text, file=sys.stderr if quiet else sys.stdout)
 
 
 def main() -> None:
@@ -202,13 +203,13 @@ def main() -> None:
         if args.ablation is not None:
             runs += [(name, {**overrides, **extra}, args.seeds[0]) for key, (name, extra, categories) in ABLATIONS.items()
                      if category in categories and (not args.ablation or key in args.ablation)]
+        anchor = run_anchor(root, category, configured({}, args.steps, args.seeds[0]))
+        rows.append({"category": category, "method": "nearest-neighbour anchor", "seed": args.seeds[0], **anchor})
         for name, config_overrides, seed in runs:
             result = run_hdm(root, category, configured(config_overrides, args.steps, seed))
             rows.append({"category": category, "method": name, "seed": seed, **result})
-            print(json.dumps(rows[-1]), file=sys.stderr)
-        anchor = run_anchor(root, category, configured({}, args.steps, args.seeds[0]))
-        rows.append({"category": category, "method": "nearest-neighbour anchor", "seed": args.seeds[0], **anchor})
-        print(json.dumps(rows[-1]), file=sys.stderr)
+            # Written after every row: a long part that is stopped keeps the rows it finished.
+            write(args.out, [command], rows, quiet=True)
     write(args.out, [command], rows)
 
 
