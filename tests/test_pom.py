@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from hdm.config import POMConfig
+from hdm.space import lift_matrix
 from hdm.pom import (NormalDensity, adapt_tau, cell_targets, coreset, filter_samples, focal_loss, map_losses,
                      masked_change, refinement_losses, top_k_mean)
 
@@ -157,7 +158,25 @@ def test_pooled_prior_asks_the_bank_about_block_means():
     density.fit(torch.randn(8, 4, 8, 8, generator=generator) * 0.1, generator)
     z = torch.randn(1, 4, 8, 8, generator=generator) * 0.1
     z[:, :, 2:4, 4:6] += 6.0  # one 2x2 block of cells, unlike every normal cell
-    blocks = F.avg_pool2d(z, 2)
-    assert torch.allclose(density(z, 4).exp(), density.distance(blocks), atol=1e-4)
+    unpooled = NormalDensity(channels=4, size=32)
+    unpooled.load_state_dict(density.state_dict())
+    assert torch.allclose(density(z, 4).exp(), unpooled.distance(F.avg_pool2d(z, 2)), atol=1e-4)
     prior = density(z, 4)[0, 0]
     assert prior.argmax() == 1 * 4 + 2 and (prior > prior[1, 2] - 1.0).sum() == 1
+
+
+def test_density_through_the_lift_is_the_same_search():
+    """z whose last channels are lifted from a coarser grid, as the space makes them: taking those
+    channels' dot products on the coarse grid finds the same distances, at every chunking."""
+    generator = torch.Generator().manual_seed(0)
+    lift = lift_matrix(4, 8, 3)
+    coarse = torch.randn(3, 5, 4, 4, generator=generator)
+    z = torch.cat([torch.randn(3, 2, 8, 8, generator=generator), lift @ coarse @ lift.T], dim=1)
+    plain = NormalDensity(channels=7, size=40, chunks=3)
+    plain.fit(z[:2], generator)
+    lifted = NormalDensity(channels=7, size=40, chunks=3, lift=lift, lifted=5)
+    lifted.load_state_dict(plain.state_dict())
+    assert lifted.lifted == 5
+    assert torch.allclose(lifted.distance(z[2:]), plain.distance(z[2:]), atol=1e-4)
+    # at pool 2 the queries' grid is no finer than the coarse one: the plain search is kept
+    assert NormalDensity(channels=7, size=40, pool=2, lift=lift, lifted=5).lifted == 0

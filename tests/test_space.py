@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from hdm.config import SpaceConfig
-from hdm.space import FeatureSpace
+from hdm.space import FeatureSpace, upsample
 
 
 @pytest.mark.parametrize("backbone,channels,fine_channels",
@@ -32,7 +32,8 @@ def test_normalisation_uses_training_statistics():
 
 
 def test_features_match_the_unfolded_pretrained_network():
-    """Folding BatchNorm and channels_last are speed-ups only: the taps equal the original network's."""
+    """Folded BatchNorm, padding inside the convolutions, in-place clipping and channels_last are
+    speed-ups only: the taps equal the original network's."""
     import importlib
 
     from efficientnet_lite_pytorch import EfficientNet
@@ -45,10 +46,23 @@ def test_features_match_the_unfolded_pretrained_network():
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         x = reference._swish(reference._bn0(reference._conv_stem((images - space.pixel_mean) / space.pixel_std)))
-        stride4 = None
-        for index, block in enumerate(reference._blocks[:5]):
+        taps = {}
+        for index, block in enumerate(reference._blocks[:11]):
             x = block(x)
-            stride4 = x if index == 2 else stride4
+            taps[index] = x
         ours = space.raw_features(images)
-    assert torch.allclose(ours.z[:, :40], x, atol=1e-4)
-    assert torch.allclose(ours.fine, stride4, atol=1e-4)
+    assert torch.allclose(ours.z[:, :40], taps[4], atol=1e-4)
+    assert torch.allclose(ours.z[:, 40:], upsample(taps[10], 8), atol=1e-4)
+    assert torch.allclose(ours.fine, taps[2], atol=1e-4)
+
+
+def test_the_lift_makes_the_stride_16_part_of_z():
+    space = FeatureSpace(SpaceConfig(image_size=64))
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        x = space.encoder._swish(space.encoder._conv_stem((images - space.pixel_mean) / space.pixel_std))
+        for block in space.encoder._blocks:
+            x = block(x)
+        z = space.raw_features(images).z
+    assert space.lift.shape == (8, 4) and z.shape[1] - space.lifted_channels == 40
+    assert torch.allclose(z[:, 40:], space.lift @ x @ space.lift.T, atol=1e-4)

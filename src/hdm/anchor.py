@@ -27,7 +27,7 @@ class NearestNeighbourAnchor(nn.Module):
         self.register_buffer("blur", blur_matrix(smooth_sigma, self.image_size), persistent=False)
         self.top_k = top_k
         self.seed = seed
-        self.density = NormalDensity(space.channels, bank_size)
+        self.density = NormalDensity(space.channels, bank_size, lift=space.lift, lifted=space.lifted_channels)
 
     def fit(self, images: np.ndarray) -> None:
         raw = encode(self.space, images, desc="anchor bank", progress=False)

@@ -30,7 +30,8 @@ class HDM(nn.Module):
         self.diffusion = GaussianDiffusion.linear(d.timesteps, d.beta_start, d.beta_end)
         self.denoiser = Denoiser(channels, d.width, d.depth)
         self.ddm = DDM(config.ddm, self.diffusion, channels, self.space.fine_channels, config.space.image_size)
-        self.density = (NormalDensity(channels, config.pom.density_bank, config.pom.density_pool)
+        self.density = (NormalDensity(channels, config.pom.density_bank, config.pom.density_pool,
+                                      lift=self.space.lift, lifted=self.space.lifted_channels)
                         if config.pom.density_bank else None)
         generator = torch.Generator().manual_seed(config.train.seed)
         self.register_buffer("noise", torch.randn(1, channels, grid, grid, generator=generator))
@@ -48,6 +49,8 @@ class HDM(nn.Module):
         """DDM's head logits (refined) and POM's density prior on the same grid (None without a prior),
         before they are fused."""
         features = self.space(images)
+        # The denoiser's and head's convolutions run faster channels-last, and the prior reads z's cells as rows.
+        features = features._replace(z=features.z.contiguous(memory_format=torch.channels_last))
         logits = self.ddm.logits(features, self.denoiser, self.noise.expand_as(features.z))
         return logits, None if self.density is None else self.density(features.z, logits.shape[-1])
 

@@ -145,12 +145,21 @@ class NormalDensity(nn.Module):
     The bank holds cells of z's own grid; with `pool` > 1 the prior's voice (`forward`) is asked about
     `pool` x `pool` means of z's cells (a quarter of the search at 2), still against unpooled bank
     cells: a bank of pooled cells lost more.
+
+    Given the space's `lift` (its last `lifted` channels of z are, per channel, lift @ c @ lift.T of a
+    coarser map c), the search is exact at less cost: those channels' dot products with the bank are
+    taken on c's grid and lifted, which holds for every z the space encodes.
     """
 
-    def __init__(self, channels: int, size: int, pool: int = 1, chunks: int = 8):
+    def __init__(self, channels: int, size: int, pool: int = 1, chunks: int = 8,
+                 lift: torch.Tensor | None = None, lifted: int = 0):
         super().__init__()
         self.pool = pool
         self.chunks = chunks  # a constant count, so an exported graph stays valid for any batch size
+        # Worth it only where the queries' grid is finer than the coarse one (not at pool 2 on lite0).
+        if lift is not None and lift.shape[0] // pool <= lift.shape[1]:
+            lift = None
+        self.lifted = lifted if lift is not None else 0
         self.register_buffer("bank", torch.zeros(size, channels))
         self.register_buffer("bank_sq", torch.zeros(size))
         # Each voice's median on held-out normal cells and the mean of its per-image maxima there.
@@ -158,6 +167,12 @@ class NormalDensity(nn.Module):
             self.register_buffer(name, torch.tensor(0.0))
         for name in ("prior_top", "head_top"):
             self.register_buffer(name, torch.tensor(1.0))
+        if lift is not None:
+            # Made from the space's configuration, so not stored: the coarse map back from z, and the
+            # lift onto the query grid, whose p x p means are a p-row average of the lift.
+            self.register_buffer("unlift", torch.linalg.pinv(lift.double()).float(), persistent=False)
+            query_lift = lift.view(lift.shape[0] // pool, pool, lift.shape[1]).mean(1)
+            self.register_buffer("query_lift", query_lift.contiguous(), persistent=False)
 
     @torch.no_grad()
     def fit(self, z: torch.Tensor, generator: torch.Generator) -> None:
@@ -180,28 +195,50 @@ class NormalDensity(nn.Module):
             getattr(self, f"{name}_top").fill_(top)
 
     def distance(self, z: torch.Tensor) -> torch.Tensor:
-        """B x C x g x g -> B x 1 x g x g Euclidean distance to the nearest bank cell."""
-        b, c, h, w = z.shape
-        queries = z.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        """B x C x g x g -> B x 1 x g/pool x g/pool Euclidean distance of pool x pool means of z cells
+        to the nearest bank cell."""
+        pooled = F.avg_pool2d(z, self.pool) if self.pool > 1 else z
+        b, c, h, w = pooled.shape
+        queries = pooled.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        direct, coarse = queries[..., :c - self.lifted], None
+        if self.lifted:
+            coarse = self.unlift @ z[:, c - self.lifted:] @ self.unlift.T
+            coarse = coarse.permute(0, 2, 3, 1).reshape(b, -1, self.lifted)
         # One image at a time, so each block of distances stays in cache; one batched pass when traced
         # for export, where a loop over the batch would freeze the batch size into the graph.
-        parts = [queries] if torch.jit.is_tracing() else queries.split(1)
-        best = torch.cat([self._nearest_sq(part) for part in parts])
+        if torch.jit.is_tracing():
+            best = self._nearest_sq(direct, coarse)
+        else:
+            best = torch.cat([self._nearest_sq(d, None if coarse is None else coarse[i:i + 1])
+                              for i, d in enumerate(direct.split(1))])
         # |q|^2 is added after the minimum: it does not change which bank cell is nearest.
         return (best + (queries ** 2).sum(2)).clamp_min(0).sqrt().view(b, 1, h, w)
 
-    def _nearest_sq(self, queries: torch.Tensor) -> torch.Tensor:
-        """min over the bank of |bank|^2 - 2 q.bank, in bank chunks with a running minimum."""
+    def _nearest_sq(self, direct: torch.Tensor, coarse: torch.Tensor | None) -> torch.Tensor:
+        """min over the bank of |bank|^2 - 2 q.bank for n x Q queries, given by their first channels
+        (`direct`) and, with a lift, the coarse cells that make their other channels; in bank chunks
+        with a running minimum."""
+        n, count, split = direct.shape
         best = None
         for bank, bank_sq in zip(self.bank.chunk(self.chunks), self.bank_sq.chunk(self.chunks)):
-            d = torch.matmul(queries, bank.T).mul_(-2).add_(bank_sq).amin(2)
+            k = bank.shape[0]
+            d = torch.addmm(bank_sq, direct.reshape(-1, split), bank[:, :split].T, alpha=-2)
+            if coarse is not None:
+                d = self._add_lifted(d, coarse, bank[:, split:])
+            d = d.view(n, count, k).amin(2)
             best = d if best is None else torch.minimum(best, d)
         return best
 
+    def _add_lifted(self, d: torch.Tensor, coarse: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+        """d - 2 (the lifted channels' dot products): taken on the coarse grid, then lifted along each axis."""
+        lift = self.query_lift
+        grid, side, k = lift.shape[0], lift.shape[1], bank.shape[0]
+        products = torch.matmul(coarse, bank.T).view(-1, side, side * k)
+        rows = torch.matmul(lift, products).view(-1, side, k)  # (image, query row) x coarse column x bank
+        return torch.baddbmm(d.view(-1, grid, k), lift.expand(rows.shape[0], -1, -1), rows, alpha=-2)
+
     def forward(self, z: torch.Tensor, size: int) -> torch.Tensor:
         """The prior's voice on a size x size grid: the log-distance of pooled z cells to the bank."""
-        if self.pool > 1:
-            z = F.avg_pool2d(z, self.pool)
         prior = self.distance(z).clamp_min(1e-6).log()
         return F.interpolate(prior, size=(size, size), mode="bilinear", align_corners=False)
 
