@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from hdm.anchor import NearestNeighbourAnchor
-from hdm.config import HDMConfig
+from hdm.config import HDMConfig, apply_assignments, set_value
 from hdm.data import load_images_resized
 from hdm.layouts import DataSource, holdout_split
 from hdm.inference import calibrate, evaluate
@@ -57,27 +57,17 @@ ABLATIONS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
 }
 
 
-def configured(overrides: dict, steps: int | None, seed: int) -> HDMConfig:
+def configured(overrides: dict, assignments: list[str], steps: int | None, seed: int) -> HDMConfig:
+    """The defaults with the run's seed and steps, an ablation's overrides, then the bench's --set (as `hdm fit --set`)."""
     config = HDMConfig()
     config.train.seed = seed
     if steps:
         config.train.steps = steps
     for key, value in overrides.items():
-        section, name = key.split(".")
-        setattr(getattr(config, section), name, value)
+        set_value(config, key, value, "bench ablation")
+    apply_assignments(config, assignments)
     config.validate()
     return config
-
-
-def parse_set(text: str) -> tuple[str, object]:
-    key, _, value = text.partition("=")
-    section, _, name = key.partition(".")
-    default = getattr(getattr(HDMConfig(), section, None), name, None)
-    if default is None or not value:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected SECTION.KEY=VALUE with a known key")
-    if isinstance(default, bool):
-        return key, value.lower() in ("1", "true", "yes")
-    return key, type(default)(value)
 
 
 def aspect_group(shape: tuple[int, int]) -> str:
@@ -180,8 +170,8 @@ def main() -> None:
     parser.add_argument("--ablation-only", action="store_true", help="no full-HDM rows (a part of a longer bench)")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--set", type=parse_set, action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="an override applied to every HDM row (for experiments; named in the table's command)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.NAME=VALUE",
+                        help="an override applied to every HDM row, as `hdm fit --set` (named in the table's command)")
     parser.add_argument("--merge", type=Path, nargs="+", metavar="PART.json", help="join bench parts into one table")
     parser.add_argument("--out", type=Path, default=Path("bench/results/accuracy.md"))
     args = parser.parse_args()
@@ -192,21 +182,24 @@ def main() -> None:
         return
     keep_freed_memory()  # as the hdm command does
 
-    overrides = dict(args.set)
+    try:
+        configured({}, args.set, args.steps, args.seeds[0])
+    except ValueError as exc:
+        sys.exit(f"bench: {exc}")
     command = ("python bench/accuracy.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])).strip()
     rows = []
     for category in args.categories:
         root = CATEGORIES[category]
         if not (root / category).is_dir():
             sys.exit(f"bench: {root / category} not found")
-        runs = [] if args.ablation_only else [("HDM (full)", overrides, seed) for seed in args.seeds]
+        runs = [] if args.ablation_only else [("HDM (full)", {}, seed) for seed in args.seeds]
         if args.ablation is not None:
-            runs += [(name, {**overrides, **extra}, args.seeds[0]) for key, (name, extra, categories) in ABLATIONS.items()
+            runs += [(name, extra, args.seeds[0]) for key, (name, extra, categories) in ABLATIONS.items()
                      if category in categories and (not args.ablation or key in args.ablation)]
-        anchor = run_anchor(root, category, configured({}, args.steps, args.seeds[0]))
+        anchor = run_anchor(root, category, configured({}, [], args.steps, args.seeds[0]))
         rows.append({"category": category, "method": "nearest-neighbour anchor", "seed": args.seeds[0], **anchor})
         for name, config_overrides, seed in runs:
-            result = run_hdm(root, category, configured(config_overrides, args.steps, seed))
+            result = run_hdm(root, category, configured(config_overrides, args.set, args.steps, seed))
             rows.append({"category": category, "method": name, "seed": seed, **result})
             # Written after every row: a long part that is stopped keeps the rows it finished.
             write(args.out, [command], rows, quiet=True)

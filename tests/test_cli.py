@@ -101,12 +101,28 @@ def test_predict_keeps_going_past_bad_files(trained, tmp_path):
     (["--target-fpr", "0.7"], "target_fpr must lie in (0, 0.5)"),
     (["--holdout", "1.5"], "holdout must lie in (0, 1)"),
     (["--checkpoint-every", "0"], "checkpoint_every must be > 0"),
+    (["--set", "ddm.topk=0.1"], "--set ddm.topk=0.1: unknown setting 'ddm.topk'"),
+    (["--set", "train.steps=many"], "train.steps must be an integer, not 'many'"),
+    (["--set", "ddm.top_k=0.9", "--set", "ddm.top_k=1.5"], "ddm.top_k must lie in [0, 1)"),
+    (["--config", "missing.toml"], "missing.toml: cannot read the configuration file"),
 ])
 def test_bad_options_fail_in_one_line_before_any_work(tmp_path, options, message):
     result = CliRunner().invoke(main, ["fit", "--data", str(tmp_path), "--out", str(tmp_path / "r"), *options])
     assert result.exit_code != 0
     assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_print_config_shows_the_defaults_as_a_file_that_fit_reads_back(tmp_path):
+    printed = CliRunner().invoke(main, ["fit", "--print-config"])
+    assert printed.exit_code == 0 and "[ddm]\n" in printed.output and "\ntop_k = 0.01\n" in printed.output
+    config = tmp_path / "hdm.toml"
+    config.write_text(printed.output.replace("top_k = 0.01", "top_k = 0.03").replace("steps = 800", "steps = 20"))
+    # the file over the defaults, a shortcut option over the file, --set over both
+    result = CliRunner().invoke(main, ["fit", "--config", str(config), "--steps", "30", "--set", "pom.filtering=false",
+                                       "--print-config"])
+    assert result.exit_code == 0, result.output
+    assert "top_k = 0.03" in result.output and "steps = 30" in result.output and "filtering = false" in result.output
 
 
 def test_resume_needs_an_interrupted_run(tmp_path):

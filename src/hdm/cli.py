@@ -45,19 +45,21 @@ def metrics_table(metrics: dict[str, float], title: str) -> str:
     return "\n".join(lines)
 
 
-def build_config(backbone: str, image_size: int, steps: int | None, batch_size: int | None, seed: int,
-                 holdout: float = 0.1, target_fpr: float = 0.01, checkpoint_every: int = 50) -> HDMConfig:
-    config = HDMConfig()
-    config.space.backbone = backbone
-    config.space.image_size = image_size
-    if steps is not None:
-        config.train.steps = steps
-    if batch_size is not None:
-        config.train.batch_size = batch_size
-    config.train.seed = seed
-    config.train.checkpoint_every = checkpoint_every
-    config.calibration.holdout = holdout
-    config.calibration.target_fpr = target_fpr
+# `hdm fit` options that set one configuration field each; their defaults are the dataclasses'.
+SHORTCUTS = {"backbone": "space.backbone", "image_size": "space.image_size", "steps": "train.steps",
+             "batch_size": "train.batch_size", "seed": "train.seed", "holdout": "calibration.holdout",
+             "target_fpr": "calibration.target_fpr", "checkpoint_every": "train.checkpoint_every"}
+
+
+def build_config(config_file: Path | None = None, assignments: tuple[str, ...] = (), **shortcuts) -> HDMConfig:
+    """The defaults, then the TOML file, then the shortcut options that were given, then each --set, validated."""
+    from .config import apply_assignments, read_config_file, set_value
+
+    config = read_config_file(config_file) if config_file is not None else HDMConfig()
+    for name, value in shortcuts.items():
+        if value is not None:
+            set_value(config, SHORTCUTS[name], value, f"--{name.replace('_', '-')}")
+    apply_assignments(config, list(assignments))
     config.validate()
     return config
 
@@ -178,11 +180,6 @@ def main() -> None:
     keep_freed_memory()
 
 
-_backbone = click.option("--backbone", type=click.Choice(["lite0", "lite1", "lite2"]), default="lite0", show_default=True)
-_size = click.option("--image-size", type=int, default=256, show_default=True, help="Model input size (multiple of 32).")
-_seed = click.option("--seed", type=int, default=0, show_default=True, help="Makes the run reproducible.")
-
-
 _data = click.option("--data", type=click.Path(path_type=Path),
                      help="MVTec AD / MPDD / BTAD / VisA root (with --category), or a plain folder of normal images.")
 _category = click.option("--category", help="Category (object) inside --data.")
@@ -206,30 +203,39 @@ def _folders(func):
 @click.option("--out", "run", type=click.Path(path_type=Path), help="Run folder to create.")
 @click.option("--resume", "resume_run", type=click.Path(path_type=Path),
               help="Continue the interrupted fit in this run folder (its data and settings are stored in it).")
-@click.option("--steps", type=int, help="Training steps (default from the configuration).")
-@click.option("--batch-size", type=int)
-@_backbone
-@_size
-@_seed
-@click.option("--holdout", type=float, default=0.1, show_default=True,
-              help="Fraction of the normal images held out of training to calibrate the thresholds.")
-@click.option("--target-fpr", type=float, default=0.01, show_default=True,
-              help="False-alarm rate on normal parts that the image and pixel thresholds aim for.")
-@click.option("--checkpoint-every", type=int, default=50, show_default=True,
-              help="Steps between resumable checkpoints of the training state.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path),
+              help="A TOML file of settings, one table per section (the format --print-config writes).")
+@click.option("--set", "assignments", multiple=True, metavar="SECTION.NAME=VALUE",
+              help="Override one setting, e.g. --set ddm.top_k=0.02 (repeatable; after --config and the options below).")
+@click.option("--print-config", is_flag=True, help="Print the resolved settings as TOML and stop.")
+@click.option("--steps", type=int, help="Sets train.steps.")
+@click.option("--batch-size", type=int, help="Sets train.batch_size.")
+@click.option("--backbone", type=click.Choice(["lite0", "lite1", "lite2"]), help="Sets space.backbone.")
+@click.option("--image-size", type=int, help="Sets space.image_size (a multiple of 32).")
+@click.option("--seed", type=int, help="Sets train.seed: a run is reproducible for a given seed.")
+@click.option("--holdout", type=float,
+              help="Sets calibration.holdout: the fraction of normal images held out of training to calibrate the thresholds.")
+@click.option("--target-fpr", type=float,
+              help="Sets calibration.target_fpr: the false-alarm rate on normal parts the thresholds aim for.")
+@click.option("--checkpoint-every", type=int, help="Sets train.checkpoint_every: steps between resumable checkpoints.")
 @click.option("--overwrite", is_flag=True, help="Replace a model already in the run folder.")
 @_fail_cleanly
-def fit_command(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir, run, resume_run, steps,
-                batch_size, backbone, image_size, seed, holdout, target_fpr, checkpoint_every, overwrite):
+def fit_command(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir, run, resume_run, config_file,
+                assignments, print_config, overwrite, **shortcuts):
     """Train on normal images only, then calibrate on the held-out ones."""
     if resume_run is not None:
-        if run is not None or data is not None or normal_dir is not None:
-            raise HDMInputError("--resume RUN takes its data and settings from the run: give no --out or data options")
+        if run is not None or data is not None or normal_dir is not None or config_file or assignments:
+            raise HDMInputError("--resume RUN takes its data and settings from the run: give no --out, data or settings")
         resume_fit(resume_run)
+        return
+    config = build_config(config_file, assignments, **shortcuts)
+    if print_config:
+        from .config import to_toml
+
+        click.echo(to_toml(config), nl=False)
         return
     if run is None:
         raise HDMInputError("give --out RUN (a new run folder) or --resume RUN")
-    config = build_config(backbone, image_size, steps, batch_size, seed, holdout, target_fpr, checkpoint_every)
     source = data_source(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir)
     run_fit(config, source, run, overwrite)
 
@@ -305,7 +311,7 @@ def export_command(run, fmt, out):
 @main.command("demo")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("hdm-demo"), show_default=True)
 @click.option("--steps", type=int, default=400, show_default=True)
-@_seed
+@click.option("--seed", type=int, default=0, show_default=True, help="Makes the demo reproducible.")
 @_fail_cleanly
 def demo_command(out, steps, seed):
     """The main job: make the built-in dataset, then fit, test and predict on it."""
@@ -318,7 +324,7 @@ def demo_command(out, steps, seed):
     if not (data / CATEGORY).is_dir():
         make_default_dataset(data, seed=seed)
     run = out / "run"
-    config = build_config("lite0", 256, steps, None, seed)
+    config = build_config(steps=steps, seed=seed)
     run_fit(config, data_source(data, CATEGORY), run, overwrite=True)
     metrics = run_test(run, None)
     model, _ = load_model(run / MODEL_FILE)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -187,3 +189,92 @@ class HDMConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _coerce(value: Any, default: Any, what: str) -> Any:
+    """`value` (from TOML, or a command-line string) as the type of the field's `default`."""
+    text = value.strip() if isinstance(value, str) else None
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, bool):
+                return value
+            if text is not None and text.lower() in _TRUE + _FALSE:
+                return text.lower() in _TRUE
+            raise ValueError
+        if isinstance(default, int):
+            if isinstance(value, bool) or isinstance(value, float):
+                raise ValueError
+            return int(value)
+        if isinstance(default, float):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if isinstance(default, tuple):
+            items = text.split(",") if text is not None else value
+            if not isinstance(items, (list, tuple)) or len(items) != len(default):
+                raise ValueError
+            return tuple(_coerce(item, default[0], what) for item in items)
+        if isinstance(value, str):
+            return value
+    except (TypeError, ValueError):
+        pass
+    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            tuple: f"{len(default) if isinstance(default, tuple) else ''} comma-separated numbers"}[type(default)]
+    raise ValueError(f"{what} must be {kind}, not {value!r}")
+
+
+def set_value(config: HDMConfig, key: str, value: Any, where: str) -> None:
+    """Set SECTION.NAME of `config` from a typed or string `value`; one clear line naming `where` if it cannot be."""
+    section, _, name = key.partition(".")
+    part = getattr(config, section, None) if section in {f.name for f in dataclasses.fields(config)} else None
+    if part is None or name not in {f.name for f in dataclasses.fields(part)}:
+        raise ValueError(f"{where}: unknown setting {key!r} (`hdm fit --print-config` lists them all)")
+    setattr(part, name, _coerce(value, getattr(part, name), f"{where}: {key}"))
+
+
+def apply_assignments(config: HDMConfig, assignments: list[str]) -> HDMConfig:
+    """`--set SECTION.NAME=VALUE` overrides, in order."""
+    for text in assignments:
+        key, sep, value = text.partition("=")
+        if not sep:
+            raise ValueError(f"--set {text}: expected SECTION.NAME=VALUE, for example ddm.top_k=0.02")
+        set_value(config, key.strip(), value, f"--set {text}")
+    return config
+
+
+def read_config_file(path: Path, config: HDMConfig | None = None) -> HDMConfig:
+    """A TOML file with one table per section (`[ddm]`, `[train]`, ...) over the defaults (or `config`)."""
+    config = config or HDMConfig()
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the configuration file ({exc.strerror})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid TOML ({exc})") from None
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: {section!r} must be a table of settings ([{section}])")
+        for name, value in values.items():
+            set_value(config, f"{section}.{name}", value, str(path))
+    return config
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def to_toml(config: HDMConfig) -> str:
+    """The configuration as a TOML file that `read_config_file` reads back to the same values."""
+    lines = []
+    for section, values in config.to_dict().items():
+        lines += [f"[{section}]", *(f"{name} = {_toml_value(value)}" for name, value in values.items()), ""]
+    return "\n".join(lines)
