@@ -18,6 +18,7 @@ import argparse
 import json
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,13 +27,13 @@ import torch
 from hdm.anchor import NearestNeighbourAnchor
 from hdm.config import HDMConfig, apply_assignments, set_value
 from hdm.data import load_images_resized
-from hdm.layouts import DataSource, holdout_split
-from hdm.inference import calibrate, evaluate
+from hdm.inference import evaluate
+from hdm.layouts import DataSource
 from hdm.metrics import METRIC_KEYS, per_group_metrics, per_type_metrics
+from hdm.runs import fit_run, test_run
 from hdm.runtime import keep_freed_memory
 from hdm.space import FeatureSpace
 from hdm.store import write_bytes_atomic, write_json
-from hdm.train import fit
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 CATEGORIES = {"bottle": DATASETS / "mvtec_ad", "metal_plate": DATASETS / "mpdd",
@@ -76,8 +77,8 @@ def aspect_group(shape: tuple[int, int]) -> str:
     return "aspect < 1.3" if aspect < 1.3 else "aspect 1.3–1.6" if aspect < 1.6 else "aspect ≥ 1.6"
 
 
-def evaluated(model, source, thresholds=None) -> dict:
-    evaluation = evaluate(model, source.test_samples(), progress=False, thresholds=thresholds)
+def detail(evaluation) -> dict:
+    """The metrics, per defect type and per image shape."""
     types = [p.sample.defect_type for p in evaluation.predictions]
     shapes = [aspect_group(p.shape) for p in evaluation.predictions]
     scored = (evaluation.labels, evaluation.scores, evaluation.masks, evaluation.maps)
@@ -91,19 +92,20 @@ def run_anchor(root: Path, category: str, config: HDMConfig) -> dict:
                                     seed=config.train.seed).eval()
     source = DataSource.detect(root, category)
     anchor.fit(load_images_resized([s.path for s in source.train_samples()], config.space.image_size))
-    return {**evaluated(anchor, source), "train_seconds": 0.0, "total_seconds": time.perf_counter() - started}
+    evaluation = evaluate(anchor, source.test_samples(), progress=False)
+    return {**detail(evaluation), "train_seconds": 0.0, "total_seconds": time.perf_counter() - started}
 
 
 def run_hdm(root: Path, category: str, config: HDMConfig) -> dict:
-    """As `hdm fit` + `hdm test`: train on 90% of the normal images, calibrate on the rest, evaluate."""
-    source = DataSource.detect(root, category)
-    train, holdout = holdout_split([s.path for s in source.train_samples()], config.calibration.holdout,
-                                   config.train.seed)
-    model, history = fit(config, train, progress=False, log=lambda m: print(m, file=sys.stderr))
-    calibrate(model, holdout, config.calibration.target_fpr, progress=False)
-    thresholds = (float(model.calibration.image_threshold), float(model.calibration.pixel_threshold))
-    return {**evaluated(model, source, thresholds), "train_seconds": history.seconds, "tau_final": history.summary()["tau"],
-            "rejected_fraction": history.summary()["rejected_fraction"], "holdout_images": len(holdout)}
+    """`hdm fit` + `hdm test` (the same functions, into a scratch run folder): train on 90% of the normal
+    images, calibrate on the rest, evaluate at the calibrated thresholds."""
+    with tempfile.TemporaryDirectory(prefix="hdm-bench-") as folder:
+        run = fit_run(config, DataSource.detect(root, category), Path(folder), log=lambda m: print(m, file=sys.stderr),
+                      progress=False)
+        evaluation = test_run(run.path, progress=False, report=False)
+    summary = run.training.summary()
+    return {**detail(evaluation), "train_seconds": run.training.seconds, "tau_final": summary["tau"],
+            "rejected_fraction": summary["rejected_fraction"], "holdout_images": len(run.holdout)}
 
 
 def table(rows: list[dict]) -> str:

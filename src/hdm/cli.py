@@ -6,18 +6,16 @@ import functools
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
 from .config import HDMConfig
 from .data import HDMInputError
+from .runs import MODEL_FILE, data_source, fit_run, resume_run, test_run
 
-if TYPE_CHECKING:
-    from .layouts import DataSource
 
-MODEL_FILE = "model.pt"
-STATE_FILE = "training_state.pt"  # exists only while a fit is running or was interrupted
+def _log(message: str) -> None:
+    click.echo(message, err=True)
 
 
 def _fail_cleanly(func):
@@ -64,113 +62,6 @@ def build_config(config_file: Path | None = None, assignments: tuple[str, ...] =
     return config
 
 
-def data_source(data: Path | None, category: str | None, normal_dir: Path | None = None,
-                abnormal_dir: Path | None = None, mask_dir: Path | None = None,
-                normal_test_dir: Path | None = None) -> "DataSource":
-    """--data [--category] for MVTec-like, VisA and plain folders; --normal-dir etc. for generic folders."""
-    from .layouts import DataSource
-
-    folders = (normal_dir, abnormal_dir, mask_dir, normal_test_dir)
-    if data is not None and any(folders):
-        raise HDMInputError("give either --data or --normal-dir (with --abnormal-dir, --mask-dir, --normal-test-dir), not both")
-    if data is not None:
-        return DataSource.detect(data, category)
-    if normal_dir is None:
-        raise HDMInputError("give --data ROOT [--category NAME] or --normal-dir FOLDER")
-    return DataSource("folders", normal_dir=normal_dir, abnormal_dir=abnormal_dir, mask_dir=mask_dir,
-                      normal_test_dir=normal_test_dir)
-
-
-def run_fit(config: HDMConfig, source: "DataSource", run: Path, overwrite: bool) -> None:
-    """Split off the calibration hold-out, then train, calibrate and save (see `train_and_save`)."""
-    from .layouts import holdout_split
-
-    if not overwrite:
-        if (run / MODEL_FILE).exists():
-            raise HDMInputError(f"{run}: run folder already holds a model (use --overwrite to replace it)")
-        if (run / STATE_FILE).exists():
-            raise HDMInputError(f"{run}: run folder holds an interrupted training (continue it with "
-                                f"`hdm fit --resume {run}`, or use --overwrite to start again)")
-    samples = source.train_samples()
-    # Starting over: a stale state of the replaced run must never be resumed into this one.
-    (run / STATE_FILE).unlink(missing_ok=True)
-    train, holdout = holdout_split([s.path for s in samples], config.calibration.holdout, config.train.seed)
-    click.echo(f"fit: {len(train)} normal images from {source.describe()}, {len(holdout)} held out for calibration",
-               err=True)
-    extra = {"source": source.to_dict(), "train_images": len(train), "holdout": [str(p) for p in holdout]}
-    train_and_save(config, train, holdout, run, extra, resume_from=None)
-
-
-def resume_fit(run: Path) -> None:
-    """Continue a fit that was interrupted (even by SIGKILL) from its last training-state checkpoint."""
-    from .layouts import DataSource, holdout_split
-    from .store import load_training_state, parse_config
-
-    if (run / MODEL_FILE).exists() and not (run / STATE_FILE).exists():
-        raise HDMInputError(f"{run}: this run already finished; nothing to resume")
-    if not (run / STATE_FILE).exists():
-        raise HDMInputError(f"{run}: no {STATE_FILE} to resume from (the run stopped before its first checkpoint; "
-                            f"start it again with --overwrite)")
-    state = load_training_state(run / STATE_FILE)
-    config, extra = parse_config(run / STATE_FILE, state["config"]), state["extra"]
-    source = DataSource.from_dict(extra["source"])
-    train, holdout = holdout_split([s.path for s in source.train_samples()], config.calibration.holdout,
-                                   config.train.seed)
-    if [str(p) for p in holdout] != extra["holdout"] or len(train) != extra["train_images"]:
-        raise HDMInputError(f"{source.describe()}: the training images changed since this run started; "
-                            f"start again with --overwrite")
-    click.echo(f"fit: resuming {run} from step {state['step']} of {config.train.steps}", err=True)
-    train_and_save(config, train, holdout, run, extra, resume_from=state)
-
-
-def train_and_save(config: HDMConfig, train: list[Path], holdout: list[Path], run: Path, extra: dict,
-                   resume_from: dict | None) -> None:
-    """Train (checkpointing a resumable state), calibrate on the hold-out, then write the model atomically."""
-    from .inference import calibrate
-    from .store import save_checkpoint, write_json
-    from .train import fit
-
-    log = lambda m: click.echo(m, err=True)  # noqa: E731
-    state_file = run / STATE_FILE
-    model, history = fit(config, train, log=log, state_file=state_file, resume_from=resume_from, extra=extra)
-    calibrate(model, holdout, config.calibration.target_fpr)
-    calibration = model.calibration.summary()
-    if len(holdout) < 10:
-        log(f"fit: calibration rests on {len(holdout)} held-out images, so its thresholds are wide; "
-            f"raise --holdout for tighter ones")
-    extra = {**extra, "training": history.summary(), "calibration": calibration}
-    save_checkpoint(run / MODEL_FILE, config, model.trained_state(), extra)
-    write_json(run / "train_log.json", {**extra, "losses": history.losses[::10]})
-    state_file.unlink(missing_ok=True)
-    log(f"fit: done in {history.seconds:.0f}s, model saved to {run / MODEL_FILE}; image threshold "
-        f"{calibration['image_threshold']:.4f}, pixel threshold {calibration['pixel_threshold']:.4f} "
-        f"at target false-alarm rate {config.calibration.target_fpr}")
-
-
-def run_test(run: Path, source: "DataSource | None") -> dict[str, float]:
-    """Evaluate the run on labelled test data; writes metrics.json and report.html into the run."""
-    from .inference import evaluate
-    from .layouts import DataSource
-    from .report import write_report
-    from .store import load_model, write_json
-
-    model, extra = load_model(run / MODEL_FILE)
-    if source is None:
-        if "source" not in extra:
-            raise HDMInputError(f"{run}: the run does not say what it was trained on: give --data/--category")
-        source = DataSource.from_dict(extra["source"])
-    started = time.perf_counter()
-    calibration = model.calibration
-    thresholds = (float(calibration.image_threshold), float(calibration.pixel_threshold))
-    evaluation = evaluate(model, source.test_samples(), thresholds=thresholds)
-    result = {**evaluation.metrics, "test_images": len(evaluation.predictions), "source": source.to_dict(),
-              "calibration": calibration.summary(), "seconds": time.perf_counter() - started}
-    write_json(run / "metrics.json", result)
-    write_report(run / "report.html", evaluation, thresholds, title=f"hdm test: {source.describe()}",
-                 image_size=model.image_size)
-    return evaluation.metrics
-
-
 @click.group()
 @click.version_option(package_name="hdm")
 def main() -> None:
@@ -201,7 +92,7 @@ def _folders(func):
 @_category
 @_folders
 @click.option("--out", "run", type=click.Path(path_type=Path), help="Run folder to create.")
-@click.option("--resume", "resume_run", type=click.Path(path_type=Path),
+@click.option("--resume", "resume_run_path", type=click.Path(path_type=Path),
               help="Continue the interrupted fit in this run folder (its data and settings are stored in it).")
 @click.option("--config", "config_file", type=click.Path(path_type=Path),
               help="A TOML file of settings, one table per section (the format --print-config writes).")
@@ -220,13 +111,13 @@ def _folders(func):
 @click.option("--checkpoint-every", type=int, help="Sets train.checkpoint_every: steps between resumable checkpoints.")
 @click.option("--overwrite", is_flag=True, help="Replace a model already in the run folder.")
 @_fail_cleanly
-def fit_command(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir, run, resume_run, config_file,
+def fit_command(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir, run, resume_run_path, config_file,
                 assignments, print_config, overwrite, **shortcuts):
     """Train on normal images only, then calibrate on the held-out ones."""
-    if resume_run is not None:
+    if resume_run_path is not None:
         if run is not None or data is not None or normal_dir is not None or config_file or assignments:
             raise HDMInputError("--resume RUN takes its data and settings from the run: give no --out, data or settings")
-        resume_fit(resume_run)
+        resume_run(resume_run_path, log=_log)
         return
     config = build_config(config_file, assignments, **shortcuts)
     if print_config:
@@ -237,7 +128,7 @@ def fit_command(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_
     if run is None:
         raise HDMInputError("give --out RUN (a new run folder) or --resume RUN")
     source = data_source(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir)
-    run_fit(config, source, run, overwrite)
+    fit_run(config, source, run, overwrite, log=_log)
 
 
 @main.command("test")
@@ -250,7 +141,7 @@ def test_command(run, data, category, normal_dir, abnormal_dir, mask_dir, normal
     """Evaluate on the test split (by default the run's own data) and write RUN/metrics.json."""
     given = data is not None or normal_dir is not None
     source = data_source(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir) if given else None
-    metrics = run_test(run, source)
+    metrics = test_run(run, source).metrics
     click.echo(metrics_table(metrics, "model"))
     click.echo(f"test: metrics in {run / 'metrics.json'}, report in {run / 'report.html'}", err=True)
 
@@ -325,9 +216,9 @@ def demo_command(out, steps, seed):
         make_default_dataset(data, seed=seed)
     run = out / "run"
     config = build_config(steps=steps, seed=seed)
-    run_fit(config, data_source(data, CATEGORY), run, overwrite=True)
-    metrics = run_test(run, None)
-    model, _ = load_model(run / MODEL_FILE)
+    fit_run(config, data_source(data, CATEGORY), run, overwrite=True, log=_log)
+    metrics = test_run(run).metrics
+    model, _ = load_model(run / MODEL_FILE)  # as a user gets it back
     rows, _ = predict_paths(model, [data / CATEGORY / "test"], run / "predictions")
     click.echo(f"predictions for {len(rows)} test images in {run / 'predictions'}; report in {run / 'report.html'}",
                err=True)

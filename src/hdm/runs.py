@@ -1,0 +1,153 @@
+"""One home for runs: fitting, resuming, calibrating and testing a run folder.
+
+The command line, the bench scripts and library users all call these; none keeps its own copy of
+the glue. A run folder holds `model.pt` (weights, configuration, calibration, where the data came
+from), `train_log.json`, and after a test `metrics.json` and `report.html`; `training_state.pt`
+exists only while a fit runs or after it was interrupted.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from .config import HDMConfig
+from .data import HDMInputError
+
+if TYPE_CHECKING:
+    from .inference import Evaluation
+    from .layouts import DataSource
+    from .model import HDM
+    from .train import TrainingLog
+
+MODEL_FILE = "model.pt"
+STATE_FILE = "training_state.pt"  # exists only while a fit is running or was interrupted
+
+Log = Callable[[str], None]
+
+
+def _silent(message: str) -> None:
+    pass
+
+
+@dataclass
+class Run:
+    """A fitted run: its folder, the calibrated model, how training went and the held-out images."""
+
+    path: Path
+    model: "HDM"
+    training: "TrainingLog"
+    holdout: list[Path]
+
+
+def data_source(data: Path | None, category: str | None, normal_dir: Path | None = None,
+                abnormal_dir: Path | None = None, mask_dir: Path | None = None,
+                normal_test_dir: Path | None = None) -> "DataSource":
+    """A data root [+ category] for MVTec-like, VisA and plain folders; or generic folders."""
+    from .layouts import DataSource
+
+    folders = (normal_dir, abnormal_dir, mask_dir, normal_test_dir)
+    if data is not None and any(folders):
+        raise HDMInputError("give either --data or --normal-dir (with --abnormal-dir, --mask-dir, --normal-test-dir), not both")
+    if data is not None:
+        return DataSource.detect(data, category)
+    if normal_dir is None:
+        raise HDMInputError("give --data ROOT [--category NAME] or --normal-dir FOLDER")
+    return DataSource("folders", normal_dir=normal_dir, abnormal_dir=abnormal_dir, mask_dir=mask_dir,
+                      normal_test_dir=normal_test_dir)
+
+
+def fit_run(config: HDMConfig, source: "DataSource", run: Path, overwrite: bool = False, log: Log = _silent,
+            progress: bool = True) -> Run:
+    """Split off the calibration hold-out, then train, calibrate and save into the run folder."""
+    from .layouts import holdout_split
+
+    if not overwrite:
+        if (run / MODEL_FILE).exists():
+            raise HDMInputError(f"{run}: run folder already holds a model (use --overwrite to replace it)")
+        if (run / STATE_FILE).exists():
+            raise HDMInputError(f"{run}: run folder holds an interrupted training (continue it with "
+                                f"`hdm fit --resume {run}`, or use --overwrite to start again)")
+    samples = source.train_samples()
+    # Starting over: a stale state of the replaced run must never be resumed into this one.
+    (run / STATE_FILE).unlink(missing_ok=True)
+    train, holdout = holdout_split([s.path for s in samples], config.calibration.holdout, config.train.seed)
+    log(f"fit: {len(train)} normal images from {source.describe()}, {len(holdout)} held out for calibration")
+    extra = {"source": source.to_dict(), "train_images": len(train), "holdout": [str(p) for p in holdout]}
+    return _train_and_save(config, train, holdout, run, extra, None, log, progress)
+
+
+def resume_run(run: Path, log: Log = _silent, progress: bool = True) -> Run:
+    """Continue a fit that was interrupted (even by SIGKILL) from its last training-state checkpoint."""
+    from .layouts import DataSource, holdout_split
+    from .store import load_training_state, parse_config
+
+    if (run / MODEL_FILE).exists() and not (run / STATE_FILE).exists():
+        raise HDMInputError(f"{run}: this run already finished; nothing to resume")
+    if not (run / STATE_FILE).exists():
+        raise HDMInputError(f"{run}: no {STATE_FILE} to resume from (the run stopped before its first checkpoint; "
+                            f"start it again with --overwrite)")
+    state = load_training_state(run / STATE_FILE)
+    config, extra = parse_config(run / STATE_FILE, state["config"]), state["extra"]
+    source = DataSource.from_dict(extra["source"])
+    train, holdout = holdout_split([s.path for s in source.train_samples()], config.calibration.holdout,
+                                   config.train.seed)
+    if [str(p) for p in holdout] != extra["holdout"] or len(train) != extra["train_images"]:
+        raise HDMInputError(f"{source.describe()}: the training images changed since this run started; "
+                            f"start again with --overwrite")
+    log(f"fit: resuming {run} from step {state['step']} of {config.train.steps}")
+    return _train_and_save(config, train, holdout, run, extra, state, log, progress)
+
+
+def _train_and_save(config: HDMConfig, train: list[Path], holdout: list[Path], run: Path, extra: dict,
+                    resume_from: dict | None, log: Log, progress: bool) -> Run:
+    """Train (checkpointing a resumable state), calibrate on the hold-out, then write the model atomically."""
+    from .inference import calibrate
+    from .store import save_checkpoint, write_json
+    from .train import fit
+
+    state_file = run / STATE_FILE
+    model, history = fit(config, train, progress=progress, log=log, state_file=state_file, resume_from=resume_from,
+                         extra=extra)
+    calibrate(model, holdout, config.calibration.target_fpr, progress=progress)
+    calibration = model.calibration.summary()
+    if len(holdout) < 10:
+        log(f"fit: calibration rests on {len(holdout)} held-out images, so its thresholds are wide; "
+            f"raise --holdout for tighter ones")
+    extra = {**extra, "training": history.summary(), "calibration": calibration}
+    save_checkpoint(run / MODEL_FILE, config, model.trained_state(), extra)
+    write_json(run / "train_log.json", {**extra, "losses": history.losses[::10]})
+    state_file.unlink(missing_ok=True)
+    log(f"fit: done in {history.seconds:.0f}s, model saved to {run / MODEL_FILE}; image threshold "
+        f"{calibration['image_threshold']:.4f}, pixel threshold {calibration['pixel_threshold']:.4f} "
+        f"at target false-alarm rate {config.calibration.target_fpr}")
+    return Run(run, model, history, holdout)
+
+
+def test_run(run: Path, source: "DataSource | None" = None, progress: bool = True,
+             report: bool = True) -> "Evaluation":
+    """Evaluate the run on labelled test data (by default its own) at its calibrated thresholds; writes
+    metrics.json and, with `report`, report.html into the run."""
+    from .inference import evaluate
+    from .layouts import DataSource
+    from .report import write_report
+    from .store import load_model, write_json
+
+    model, extra = load_model(run / MODEL_FILE)
+    if source is None:
+        if "source" not in extra:
+            raise HDMInputError(f"{run}: the run does not say what it was trained on: give --data/--category")
+        source = DataSource.from_dict(extra["source"])
+    started = time.perf_counter()
+    calibration = model.calibration
+    thresholds = (float(calibration.image_threshold), float(calibration.pixel_threshold))
+    evaluation = evaluate(model, source.test_samples(), progress=progress, thresholds=thresholds)
+    result = {**evaluation.metrics, "test_images": len(evaluation.predictions), "source": source.to_dict(),
+              "calibration": calibration.summary(), "seconds": time.perf_counter() - started}
+    write_json(run / "metrics.json", result)
+    if report:
+        write_report(run / "report.html", evaluation, thresholds, title=f"hdm test: {source.describe()}",
+                     image_size=model.image_size)
+    return evaluation
