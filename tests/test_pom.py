@@ -178,5 +178,5 @@ def test_density_through_the_lift_is_the_same_search():
     lifted.load_state_dict(plain.state_dict())
     assert lifted.lifted == 5
     assert torch.allclose(lifted.distance(z[2:]), plain.distance(z[2:]), atol=1e-4)
-    # at pool 2 the queries' grid is no finer than the coarse one: the plain search is kept
+    # pooled queries lie on the coarse grid already: the plain search is kept
     assert NormalDensity(channels=7, size=40, pool=2, lift=lift, lifted=5).lifted == 0

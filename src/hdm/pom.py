@@ -147,8 +147,8 @@ class NormalDensity(nn.Module):
     cells: a bank of pooled cells lost more.
 
     Given the space's `lift` (its last `lifted` channels of z are, per channel, lift @ c @ lift.T of a
-    coarser map c), the search is exact at less cost: those channels' dot products with the bank are
-    taken on c's grid and lifted, which holds for every z the space encodes.
+    coarser map c), the unpooled search is exact at less cost: those channels' dot products with the
+    bank are taken on c's grid and lifted, which holds for every z the space encodes.
     """
 
     def __init__(self, channels: int, size: int, pool: int = 1, chunks: int = 8,
@@ -156,8 +156,8 @@ class NormalDensity(nn.Module):
         super().__init__()
         self.pool = pool
         self.chunks = chunks  # a constant count, so an exported graph stays valid for any batch size
-        # Worth it only where the queries' grid is finer than the coarse one (not at pool 2 on lite0).
-        if lift is not None and lift.shape[0] // pool <= lift.shape[1]:
+        # Pooled queries lie on a grid no finer than the coarse one: the lift would save nothing there.
+        if pool > 1:
             lift = None
         self.lifted = lifted if lift is not None else 0
         self.register_buffer("bank", torch.zeros(size, channels))
@@ -168,11 +168,9 @@ class NormalDensity(nn.Module):
         for name in ("prior_top", "head_top"):
             self.register_buffer(name, torch.tensor(1.0))
         if lift is not None:
-            # Made from the space's configuration, so not stored: the coarse map back from z, and the
-            # lift onto the query grid, whose p x p means are a p-row average of the lift.
+            # Made from the space's configuration, so not stored: the lift, and the way back from z to the coarse map.
+            self.register_buffer("lift", lift.contiguous(), persistent=False)
             self.register_buffer("unlift", torch.linalg.pinv(lift.double()).float(), persistent=False)
-            query_lift = lift.view(lift.shape[0] // pool, pool, lift.shape[1]).mean(1)
-            self.register_buffer("query_lift", query_lift.contiguous(), persistent=False)
 
     @torch.no_grad()
     def fit(self, z: torch.Tensor, generator: torch.Generator) -> None:
@@ -231,7 +229,7 @@ class NormalDensity(nn.Module):
 
     def _add_lifted(self, d: torch.Tensor, coarse: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
         """d - 2 (the lifted channels' dot products): taken on the coarse grid, then lifted along each axis."""
-        lift = self.query_lift
+        lift = self.lift
         grid, side, k = lift.shape[0], lift.shape[1], bank.shape[0]
         products = torch.matmul(coarse, bank.T).view(-1, side, side * k)
         rows = torch.matmul(lift, products).view(-1, side, k)  # (image, query row) x coarse column x bank
