@@ -42,7 +42,7 @@ def list_images(folder: Path) -> list[Path]:
     return found
 
 
-def _to_uint8(array: np.ndarray) -> np.ndarray:
+def to_uint8(array: np.ndarray) -> np.ndarray:
     """Bring float images in [0, 1] and 16/32-bit integer images to 8 bits, keeping their range."""
     if array.dtype == np.uint8:
         return array
@@ -77,7 +77,7 @@ def decode_image(path: Path) -> tuple[np.ndarray, tuple[int, int]]:
                 width, height = height, width
             img = ImageOps.exif_transpose(img)
             if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                gray = _to_uint8(np.asarray(img))
+                gray = to_uint8(np.asarray(img))
                 array = np.repeat(gray[..., None], 3, axis=2)
             else:
                 if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):

@@ -59,11 +59,13 @@ def data_source(data: Path | None, category: str | None, normal_dir: Path | None
                       normal_test_dir=normal_test_dir)
 
 
-def fit_run(config: HDMConfig, source: "DataSource", run: Path, overwrite: bool = False, log: Log = _silent,
+def fit_run(config: HDMConfig, source: "DataSource", run: Path, overwrite: bool = False, log: Log | None = None,
             progress: bool = True) -> Run:
-    """Split off the calibration hold-out, then train, calibrate and save into the run folder."""
+    """Split off the calibration hold-out, then train, calibrate and save into the run folder (messages
+    go to `log`, if given)."""
     from .layouts import holdout_split
 
+    log = log or _silent
     if not overwrite:
         if (run / MODEL_FILE).exists():
             raise HDMInputError(f"{run}: run folder already holds a model (use --overwrite to replace it)")
@@ -79,11 +81,12 @@ def fit_run(config: HDMConfig, source: "DataSource", run: Path, overwrite: bool 
     return _train_and_save(config, train, holdout, run, extra, None, log, progress)
 
 
-def resume_run(run: Path, log: Log = _silent, progress: bool = True) -> Run:
+def resume_run(run: Path, log: Log | None = None, progress: bool = True) -> Run:
     """Continue a fit that was interrupted (even by SIGKILL) from its last training-state checkpoint."""
     from .layouts import DataSource, holdout_split
     from .store import load_training_state, parse_config
 
+    log = log or _silent
     if (run / MODEL_FILE).exists() and not (run / STATE_FILE).exists():
         raise HDMInputError(f"{run}: this run already finished; nothing to resume")
     if not (run / STATE_FILE).exists():

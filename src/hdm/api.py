@@ -1,0 +1,201 @@
+"""The Python API: fit a run, load a detector from a run or an ONNX export, predict; typed results.
+
+It calls the same functions as the `hdm` command (`runs`, `inference`), so a run made here is a run
+folder like any other, and the command line can test, export or resume it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+from .config import HDMConfig, apply_assignments, read_config_file, set_value
+from .data import HDMInputError, Sample, iter_batches, list_images, resize_image, to_uint8
+from .model import to_model_input
+from .runs import MODEL_FILE, Run, data_source, fit_run, resume_run, test_run
+
+ImageInput = Union[str, Path, np.ndarray]  # and PIL images, read through np.asarray
+
+
+@dataclass(frozen=True)
+class ImagePrediction:
+    """One image's verdict, at the image's own size."""
+
+    source: str  # the file, or "array N" for the N-th in-memory image of the call
+    score: float  # the image's anomaly score (top-k mean of the map)
+    probability: float  # calibrated: P(a normal part scores below this one)
+    is_defect: bool  # score >= the calibrated image threshold
+    map: np.ndarray  # H x W float32 anomaly map in [0, 1]
+    mask: np.ndarray  # H x W bool: map >= the calibrated pixel threshold
+
+
+@dataclass(frozen=True)
+class BatchPrediction:
+    """The model level: a batch of model-size images in, tensors out."""
+
+    maps: torch.Tensor  # B x 1 x S x S in [0, 1]
+    scores: torch.Tensor  # B
+    probabilities: torch.Tensor  # B
+    is_defect: torch.Tensor  # B bool
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """A test's figures; `to_dict` gives the keys of a run's metrics.json."""
+
+    image_auroc: float
+    pixel_auroc: float
+    pixel_aupro: float
+    pixel_ap: float
+    image_f1max: float
+    pixel_f1max: float
+    image_recall_at_threshold: float | None = None
+    image_fpr_at_threshold: float | None = None
+    pixel_recall_at_threshold: float | None = None
+    pixel_fpr_at_threshold: float | None = None
+    pixel_normal_part_fpr: float | None = None
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Metrics":
+        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+class Detector:
+    """A calibrated detector, whichever backend is behind it (an `HDM` in torch, or an ONNX graph)."""
+
+    def __init__(self, model, source: Path):
+        self._model = model
+        self.source = source
+        self.image_size: int = model.image_size
+        self.pixel_threshold: float = float(model.pixel_threshold)
+
+    def __repr__(self) -> str:
+        return f"Detector({self.source}, {type(self._model).__name__}, {self.image_size}px)"
+
+    def predict_batch(self, images: torch.Tensor) -> BatchPrediction:
+        """B x 3 x S x S floats in [0, 1] at the model's size -> maps, scores, probabilities, decisions."""
+        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (self.image_size,) * 2:
+            raise HDMInputError(f"expected a B x 3 x {self.image_size} x {self.image_size} batch, "
+                                f"got {tuple(images.shape)}")
+        with torch.inference_mode():
+            return BatchPrediction(*self._model.detect(images.float()))
+
+    def predict(self, images: ImageInput | Iterable[ImageInput], batch_size: int = 16) -> list[ImagePrediction]:
+        """Image files, folders (every image below them), numpy arrays (H x W or H x W x 3, any of hdm's
+        bit depths) or PIL images, alone or in a list. An unreadable file stops the call with one line
+        naming it; use `hdm predict` to go past bad files."""
+        single = isinstance(images, (str, Path, np.ndarray)) or hasattr(images, "getpixel")  # PIL images have it
+        items = [images] if single else list(images)
+        decoded = list(self._decode(items, batch_size))
+        out = []
+        for start in range(0, len(decoded), batch_size):
+            chunk = decoded[start:start + batch_size]
+            batch = self.predict_batch(to_model_input(np.stack([resized for _, resized, _ in chunk])))
+            for i, (source, _, shape) in enumerate(chunk):
+                values = _resize_map(batch.maps[i, 0].numpy(), shape)
+                out.append(ImagePrediction(source, float(batch.scores[i]), float(batch.probabilities[i]),
+                                           bool(batch.is_defect[i]), values, values >= self.pixel_threshold))
+        return out
+
+    def _decode(self, items: list, batch_size: int):
+        """(source name, model-size uint8 image, the image's own (H, W)) per image, in order."""
+        arrays = 0
+        for item in items:
+            if isinstance(item, (str, Path)):
+                path = Path(item)
+                paths = list_images(path) if path.is_dir() else [path]
+                for batch in iter_batches([Sample(p, 0) for p in paths], self.image_size, batch_size):
+                    for sample, image, shape, error in zip(batch.samples, batch.images, batch.shapes, batch.errors):
+                        if error:
+                            raise HDMInputError(error)
+                        yield str(sample.path), image, shape
+            else:
+                image = _as_rgb(np.asarray(item), f"array {arrays}")
+                yield f"array {arrays}", resize_image(image, self.image_size), image.shape[:2]
+                arrays += 1
+
+
+def _as_rgb(array: np.ndarray, name: str) -> np.ndarray:
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4) or min(array.shape[:2]) < 8:
+        raise HDMInputError(f"{name}: expected an H x W, H x W x 3 or H x W x 4 image of at least 8 x 8, "
+                            f"got shape {array.shape}")
+    array = to_uint8(array)
+    return np.ascontiguousarray(np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array[..., :3])
+
+
+def _resize_map(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    from .predict import resize_map
+
+    return resize_map(values, tuple(shape))
+
+
+def _config(config: HDMConfig | str | Path | None, settings: dict[str, Any] | Iterable[str] | None) -> HDMConfig:
+    """Defaults, or a TOML file, or a config object; then settings {"section.name": value} or ["section.name=value"]."""
+    if isinstance(config, HDMConfig):
+        resolved = HDMConfig.from_dict(config.to_dict())
+    else:
+        resolved = read_config_file(Path(config)) if config is not None else HDMConfig()
+    if isinstance(settings, dict):
+        for key, value in settings.items():
+            set_value(resolved, key, value, "settings")
+    elif settings is not None:
+        apply_assignments(resolved, list(settings))
+    resolved.validate()
+    return resolved
+
+
+def fit(data: str | Path | None = None, category: str | None = None, *, out: str | Path,
+        normal_dir: str | Path | None = None, abnormal_dir: str | Path | None = None,
+        mask_dir: str | Path | None = None, normal_test_dir: str | Path | None = None,
+        config: HDMConfig | str | Path | None = None, settings: dict[str, Any] | Iterable[str] | None = None,
+        overwrite: bool = False, progress: bool = False, log=None) -> Run:
+    """As `hdm fit`: an MVTec-like or VisA root with `category`, a plain folder of normal images, or
+    generic folders; `config` (a TOML file or an `HDMConfig`) and `settings` as `--config` and `--set`."""
+    resolved = _config(config, settings)  # bad settings stop before any work
+    as_path = lambda p: None if p is None else Path(p)  # noqa: E731
+    source = data_source(as_path(data), category, as_path(normal_dir), as_path(abnormal_dir), as_path(mask_dir),
+                         as_path(normal_test_dir))
+    return fit_run(resolved, source, Path(out), overwrite, log=log, progress=progress)
+
+
+def resume(run: str | Path, progress: bool = False, log=None) -> Run:
+    """Continue an interrupted fit from its last checkpoint, as `hdm fit --resume`."""
+    return resume_run(Path(run), log=log, progress=progress)
+
+
+def test(run: str | Path, data: str | Path | None = None, category: str | None = None, report: bool = True,
+         progress: bool = False) -> Metrics:
+    """As `hdm test`: the run's own test data by default; writes metrics.json (and report.html) into the run."""
+    source = data_source(Path(data), category) if data is not None else None
+    return Metrics.from_dict(test_run(Path(run), source, progress=progress, report=report).metrics)
+
+
+def load(path: str | Path) -> Detector:
+    """A run folder (or its model.pt) or an exported .onnx file -> a calibrated `Detector`."""
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        from .export import OnnxDetector
+
+        if not path.is_file():
+            raise HDMInputError(f"{path}: model file not found")
+        return Detector(OnnxDetector(path), path)
+    from .store import load_model
+
+    checkpoint = path / MODEL_FILE if path.is_dir() else path
+    if not checkpoint.is_file():
+        raise HDMInputError(f"{path}: neither a run folder with {MODEL_FILE} nor a model file")
+    model, _ = load_model(checkpoint)
+    if not model.calibration.fitted:
+        raise HDMInputError(f"{checkpoint}: the model has no calibration (it was not made by `hdm fit`)")
+    return Detector(model, path)
