@@ -18,6 +18,7 @@ import torch
 from .config import HDMConfig, apply_assignments, read_config_file, set_value
 from .data import HDMInputError, Sample, iter_batches, list_images, resize_image, to_uint8
 from .model import to_model_input
+from .predict import resize_map
 from .runs import MODEL_FILE, Run, data_source, fit_run, resume_run, test_run
 
 ImageInput = Union[str, Path, np.ndarray]  # and PIL images, read through np.asarray
@@ -95,16 +96,22 @@ class Detector:
         naming it; use `hdm predict` to go past bad files."""
         single = isinstance(images, (str, Path, np.ndarray)) or hasattr(images, "getpixel")  # PIL images have it
         items = [images] if single else list(images)
-        decoded = list(self._decode(items, batch_size))
-        out = []
-        for start in range(0, len(decoded), batch_size):
-            chunk = decoded[start:start + batch_size]
-            batch = self.predict_batch(to_model_input(np.stack([resized for _, resized, _ in chunk])))
-            for i, (source, _, shape) in enumerate(chunk):
-                values = _resize_map(batch.maps[i, 0].numpy(), shape)
-                out.append(ImagePrediction(source, float(batch.scores[i]), float(batch.probabilities[i]),
-                                           bool(batch.is_defect[i]), values, values >= self.pixel_threshold))
-        return out
+        out, chunk = [], []
+        for decoded in self._decode(items, batch_size):
+            chunk.append(decoded)
+            if len(chunk) == batch_size:
+                out += self._verdicts(chunk)
+                chunk = []
+        return out + (self._verdicts(chunk) if chunk else [])
+
+    def _verdicts(self, chunk: list) -> list[ImagePrediction]:
+        batch = self.predict_batch(to_model_input(np.stack([resized for _, resized, _ in chunk])))
+        verdicts = []
+        for i, (source, _, shape) in enumerate(chunk):
+            values = resize_map(batch.maps[i, 0].numpy(), tuple(shape))
+            verdicts.append(ImagePrediction(source, float(batch.scores[i]), float(batch.probabilities[i]),
+                                            bool(batch.is_defect[i]), values, values >= self.pixel_threshold))
+        return verdicts
 
     def _decode(self, items: list, batch_size: int):
         """(source name, model-size uint8 image, the image's own (H, W)) per image, in order."""
@@ -132,12 +139,6 @@ def _as_rgb(array: np.ndarray, name: str) -> np.ndarray:
                             f"got shape {array.shape}")
     array = to_uint8(array)
     return np.ascontiguousarray(np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array[..., :3])
-
-
-def _resize_map(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    from .predict import resize_map
-
-    return resize_map(values, tuple(shape))
 
 
 def _config(config: HDMConfig | str | Path | None, settings: dict[str, Any] | Iterable[str] | None) -> HDMConfig:
