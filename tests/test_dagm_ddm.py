@@ -26,7 +26,18 @@ class OracleDenoiser(torch.nn.Module):
         self.diffusion, self.z0 = diffusion, z0
 
     def forward(self, zt, t):
-        return self.diffusion.predict_eps(zt, t, self.z0), torch.zeros_like(zt)
+        return self.eps(zt, t), torch.zeros_like(zt)
+
+    def eps(self, zt, t):
+        return self.diffusion.predict_eps(zt, t, self.z0)
+
+
+def test_the_noise_alone_is_the_first_half_of_the_denoiser_output():
+    denoiser = Denoiser(C, 16, 1)
+    torch.nn.init.normal_(denoiser.out.weight)
+    zt, t = torch.randn(2, C, 4, 4), torch.tensor([3, 700])
+    eps, _ = denoiser(zt, t)
+    assert torch.allclose(denoiser.eps(zt, t), eps, atol=1e-5)
 
 
 def test_about_half_of_each_batch_stays_normal(diffusion):

@@ -117,8 +117,7 @@ class DDM(nn.Module):
     def one_step(self, z: torch.Tensor, denoiser: Denoiser, noise: torch.Tensor, t_s: int) -> torch.Tensor:
         t = self._t(t_s, z)
         zt = self.diffusion.q_sample(z, t, noise)
-        eps, _ = denoiser(zt, t)
-        return self.diffusion.predict_z0(zt, t, eps)
+        return self.diffusion.predict_z0(zt, t, denoiser.eps(zt, t))
 
     def denoise(self, z: torch.Tensor, denoiser: Denoiser, noise: torch.Tensor) -> torch.Tensor:
         """z -> z^_0 with the configured mode; `noise` is the forward-process noise (same shape as z)."""
@@ -131,7 +130,7 @@ class DDM(nn.Module):
             deep = self.one_step(z, denoiser, noise, min(2 * t_s, self.diffusion.num_timesteps - 1))
             t = self._t(t_s, z)
             zt = self.diffusion.q_sample(z, t, noise)
-            eps, _ = denoiser(zt, t)
+            eps = denoiser.eps(zt, t)
             guided_eps = 0.5 * (eps + self.diffusion.predict_eps(zt, t, deep))
             return self.diffusion.predict_z0(zt, t, guided_eps)
         process = self.k_process
@@ -139,11 +138,9 @@ class DDM(nn.Module):
         zt = process.q_sample(z, self._t(last, z), noise)
         for index in range(last, 0, -1):
             t = self._t(index, z)
-            eps, _ = denoiser(zt, process.timestep_map[t])
-            zt = process.ddim_step(eps, zt, t)
+            zt = process.ddim_step(denoiser.eps(zt, process.timestep_map[t]), zt, t)
         t = self._t(0, z)
-        eps, _ = denoiser(zt, process.timestep_map[t])
-        return process.predict_z0(zt, t, eps)
+        return process.predict_z0(zt, t, denoiser.eps(zt, process.timestep_map[t]))
 
     def logits(self, features: Features, denoiser: Denoiser, noise: torch.Tensor) -> torch.Tensor:
         """Anomaly logits on the stride-4 grid (the z grid without refinement)."""

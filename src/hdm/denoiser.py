@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -27,12 +28,12 @@ class ResidualBlock(nn.Module):
         self.expand = nn.Conv2d(width, 2 * width, 1)
         self.project = nn.Conv2d(2 * width, width, 1)
         self.film = nn.Linear(emb_dim, 2 * width)
-        self.act = nn.SiLU()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         scale, shift = self.film(emb)[:, :, None, None].chunk(2, dim=1)
-        h = self.norm(x) * (1 + scale) + shift
-        h = self.project(self.act(self.expand(self.spatial(h))))
+        h = torch.addcmul(shift, self.norm(x), 1 + scale)
+        # In place where no gradient needs the activation's input (inference, DAGM's sampling).
+        h = self.project(F.silu(self.expand(self.spatial(h)), inplace=not torch.is_grad_enabled()))
         return x + h
 
 
@@ -52,10 +53,19 @@ class Denoiser(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, zt: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _features(self, zt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         emb = self.time_mlp(timestep_embedding(t, self.emb_dim))
         h = self.stem(zt)
         for block in self.blocks:
             h = block(h, emb)
-        eps, v = self.out(torch.nn.functional.silu(self.out_norm(h))).chunk(2, dim=1)
+        return F.silu(self.out_norm(h))
+
+    def forward(self, zt: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        eps, v = self.out(self._features(zt, t)).chunk(2, dim=1)
         return eps, torch.tanh(v)
+
+    def eps(self, zt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The noise alone, for DDM's denoising: the variance half of the output layer is not computed
+        (it and its tanh were a twentieth of inference)."""
+        channels = self.out.out_channels // 2
+        return F.conv2d(self._features(zt, t), self.out.weight[:channels], self.out.bias[:channels])
