@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from hdm.anchor import NearestNeighbourAnchor
-from hdm.config import HDMConfig, apply_assignments, set_value
+from hdm.config import HDMConfig, resolve
 from hdm.data import load_images_resized
 from hdm.inference import evaluate
 from hdm.layouts import DataSource
@@ -60,15 +60,8 @@ ABLATIONS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
 
 def configured(overrides: dict, assignments: list[str], steps: int | None, seed: int) -> HDMConfig:
     """The defaults with the run's seed and steps, an ablation's overrides, then the bench's --set (as `hdm fit --set`)."""
-    config = HDMConfig()
-    config.train.seed = seed
-    if steps:
-        config.train.steps = steps
-    for key, value in overrides.items():
-        set_value(config, key, value, "bench ablation")
-    apply_assignments(config, assignments)
-    config.validate()
-    return config
+    values = {"train.seed": seed, **({"train.steps": steps} if steps else {}), **overrides}
+    return resolve(values=values, assignments=assignments, where="bench ablation")
 
 
 def aspect_group(shape: tuple[int, int]) -> str:
@@ -157,7 +150,6 @@ def write(out: Path, commands: list[str], rows: list[dict], quiet: bool = False)
             f"{table(rows)}\n\n## Per defect type\n\n{type_table(rows)}\n\n"
             f"## Per image shape\n\nTest images grouped by their own aspect ratio (long side / short side) before "
             f"they are resized to the model's square.\n\n{shape_table(rows)}\n")
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(out, text.encode())
     write_json(out.with_suffix(".json"), {"commands": commands, "rows": rows})
     print(json.dumps(rows[-1]) if quiet else text, file=sys.stderr if quiet else sys.stdout)

@@ -15,7 +15,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 
-from .config import HDMConfig, apply_assignments, read_config_file, set_value
+from .config import HDMConfig, resolve
 from .data import HDMInputError, Sample, iter_batches, list_images, resize_image, to_uint8
 from .model import to_model_input
 from .predict import resize_map
@@ -141,21 +141,6 @@ def _as_rgb(array: np.ndarray, name: str) -> np.ndarray:
     return np.ascontiguousarray(np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array[..., :3])
 
 
-def _config(config: HDMConfig | str | Path | None, settings: dict[str, Any] | Iterable[str] | None) -> HDMConfig:
-    """Defaults, or a TOML file, or a config object; then settings {"section.name": value} or ["section.name=value"]."""
-    if isinstance(config, HDMConfig):
-        resolved = HDMConfig.from_dict(config.to_dict())
-    else:
-        resolved = read_config_file(Path(config)) if config is not None else HDMConfig()
-    if isinstance(settings, dict):
-        for key, value in settings.items():
-            set_value(resolved, key, value, "settings")
-    elif settings is not None:
-        apply_assignments(resolved, list(settings))
-    resolved.validate()
-    return resolved
-
-
 def fit(data: str | Path | None = None, category: str | None = None, *, out: str | Path,
         normal_dir: str | Path | None = None, abnormal_dir: str | Path | None = None,
         mask_dir: str | Path | None = None, normal_test_dir: str | Path | None = None,
@@ -163,7 +148,9 @@ def fit(data: str | Path | None = None, category: str | None = None, *, out: str
         overwrite: bool = False, progress: bool = False, log=None) -> Run:
     """As `hdm fit`: an MVTec-like or VisA root with `category`, a plain folder of normal images, or
     generic folders; `config` (a TOML file or an `HDMConfig`) and `settings` as `--config` and `--set`."""
-    resolved = _config(config, settings)  # bad settings stop before any work
+    # Bad settings stop before any work.
+    resolved = (resolve(config, settings) if isinstance(settings, dict)
+                else resolve(config, assignments=settings or ()))
     as_path = lambda p: None if p is None else Path(p)  # noqa: E731
     source = data_source(as_path(data), category, as_path(normal_dir), as_path(abnormal_dir), as_path(mask_dir),
                          as_path(normal_test_dir))

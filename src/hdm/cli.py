@@ -51,15 +51,10 @@ SHORTCUTS = {"backbone": "space.backbone", "image_size": "space.image_size", "st
 
 def build_config(config_file: Path | None = None, assignments: tuple[str, ...] = (), **shortcuts) -> HDMConfig:
     """The defaults, then the TOML file, then the shortcut options that were given, then each --set, validated."""
-    from .config import apply_assignments, read_config_file, set_value
+    from .config import resolve
 
-    config = read_config_file(config_file) if config_file is not None else HDMConfig()
-    for name, value in shortcuts.items():
-        if value is not None:
-            set_value(config, SHORTCUTS[name], value, f"--{name.replace('_', '-')}")
-    apply_assignments(config, list(assignments))
-    config.validate()
-    return config
+    values = {SHORTCUTS[name]: value for name, value in shortcuts.items() if value is not None}
+    return resolve(config_file, values, assignments, where="command-line options")
 
 
 @click.group()

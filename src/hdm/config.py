@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,8 +222,8 @@ def _coerce(value: Any, default: Any, what: str) -> Any:
             return value
     except (TypeError, ValueError):
         pass
-    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-            tuple: f"{len(default) if isinstance(default, tuple) else ''} comma-separated numbers"}[type(default)]
+    kind = (f"{len(default)} comma-separated numbers" if isinstance(default, tuple)
+            else {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[type(default)])
     raise ValueError(f"{what} must be {kind}, not {value!r}")
 
 
@@ -245,9 +246,9 @@ def apply_assignments(config: HDMConfig, assignments: list[str]) -> HDMConfig:
     return config
 
 
-def read_config_file(path: Path, config: HDMConfig | None = None) -> HDMConfig:
-    """A TOML file with one table per section (`[ddm]`, `[train]`, ...) over the defaults (or `config`)."""
-    config = config or HDMConfig()
+def read_config_file(path: Path) -> HDMConfig:
+    """A TOML file with one table per section (`[ddm]`, `[train]`, ...) over the defaults."""
+    config = HDMConfig()
     try:
         data = tomllib.loads(Path(path).read_text())
     except OSError as exc:
@@ -259,6 +260,22 @@ def read_config_file(path: Path, config: HDMConfig | None = None) -> HDMConfig:
             raise ValueError(f"{path}: {section!r} must be a table of settings ([{section}])")
         for name, value in values.items():
             set_value(config, f"{section}.{name}", value, str(path))
+    return config
+
+
+def resolve(base: HDMConfig | str | Path | None = None, values: dict[str, Any] | None = None,
+            assignments: Iterable[str] = (), where: str = "settings") -> HDMConfig:
+    """The configuration a run uses: the defaults, a TOML file or a copy of `base`; then single values
+    {"section.name": value} (errors name `where`); then `--set` strings, in order; validated. The
+    command line, the API and the bench all resolve their settings here."""
+    if isinstance(base, HDMConfig):
+        config = HDMConfig.from_dict(base.to_dict())
+    else:
+        config = HDMConfig() if base is None else read_config_file(Path(base))
+    for key, value in (values or {}).items():
+        set_value(config, key, value, where)
+    apply_assignments(config, list(assignments))
+    config.validate()
     return config
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from .config import POMConfig
 from .diffusion import GaussianDiffusion
+from .space import upsample
 
 
 def hybrid_loss(diffusion: GaussianDiffusion, z0: torch.Tensor, zt: torch.Tensor, t: torch.Tensor,
@@ -237,8 +238,7 @@ class NormalDensity(nn.Module):
 
     def forward(self, z: torch.Tensor, size: int) -> torch.Tensor:
         """The prior's voice on a size x size grid: the log-distance of pooled z cells to the bank."""
-        prior = self.distance(z).clamp_min(1e-6).log()
-        return F.interpolate(prior, size=(size, size), mode="bilinear", align_corners=False)
+        return upsample(self.distance(z).clamp_min(1e-6).log(), size)
 
     def fuse(self, head_logits: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
         """The head's logits, or the prior's voice where it is the more unusual one, in head units.
