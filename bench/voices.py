@@ -7,7 +7,8 @@ For each run: a seeded sample of its test set (up to --per-class normal and as m
 and its own calibration hold-out. Each voice is measured from its median in units of (mean per-image
 maximum - median) on the hold-out, as `NormalDensity.fuse` does; the rules then map the fused units
 back to the head's logits, so every row goes through the same sigmoid, smoothing and top-k score.
-Rows: each voice alone, the model's rule (max), and the mean of the two voices.
+Rows: each voice alone, the model's rule (max), the mean of the two voices, and three rules that
+let the head raise the map only where the prior agrees.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ RULES = {
     "prior alone": lambda head, prior: prior,
     "max (the model's rule)": torch.maximum,
     "mean": lambda head, prior: (head + prior) / 2,
+    # Rules that let the head speak only with the prior's consent (tried for brain_flair, where the head
+    # is loud on normal anatomy): the head capped half a unit above the prior, the head only where the
+    # prior is above its normal median, and the geometric mean of the two where both are above it.
+    "max, head capped at prior + 0.5": lambda head, prior: torch.maximum(prior, torch.minimum(head, prior + 0.5)),
+    "max, head only where prior > median": lambda head, prior: torch.maximum(prior, head * (prior > 0)),
+    "max(prior, geometric mean)": lambda head, prior: torch.maximum(prior, (head.relu() * prior.relu()).sqrt()),
 }
 
 

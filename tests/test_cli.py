@@ -22,6 +22,8 @@ def trained(tmp_path_factory):
     result = CliRunner().invoke(main, ["fit", "--data", str(data), "--category", CATEGORY, "--out", str(run),
                                        "--steps", "3", "--batch-size", "4", "--image-size", "64"])
     assert result.exit_code == 0, result.output
+    # Off a terminal (as here, or in CI's log) progress comes as whole lines, not carriage-return redraws.
+    assert "\r" not in result.output and "train: 3/3 (100%)" in result.output
     return data, run
 
 
@@ -49,6 +51,14 @@ def test_test_writes_metrics_in_unit_range(trained):
     assert 0.0 <= metrics["image_recall_at_threshold"] <= 1.0
     assert metrics["calibration"]["target_fpr"] == pytest.approx(0.01)
     assert (run / "report.html").read_text().startswith("<!DOCTYPE html>")
+
+
+def test_quiet_leaves_only_the_results(trained):
+    _, run = trained
+    result = CliRunner().invoke(main, ["test", "--run", str(run), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("| model |")
+    assert "test: 0/" not in result.output and "metrics in" not in result.output
 
 
 def test_predict_mirrors_folders_and_saves_maps(trained, tmp_path):

@@ -18,6 +18,10 @@ def _log(message: str) -> None:
     click.echo(message, err=True)
 
 
+_quiet = click.option("--quiet", "-q", is_flag=True,
+                      help="No progress bars or progress lines; results and errors still print.")
+
+
 def _fail_cleanly(func):
     """Bad input and bad settings end in one line on stderr, never a traceback."""
 
@@ -105,14 +109,16 @@ def _folders(func):
               help="Sets calibration.target_fpr: the false-alarm rate on normal parts the thresholds aim for.")
 @click.option("--checkpoint-every", type=int, help="Sets train.checkpoint_every: steps between resumable checkpoints.")
 @click.option("--overwrite", is_flag=True, help="Replace a model already in the run folder.")
+@_quiet
 @_fail_cleanly
 def fit_command(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir, run, resume_run_path, config_file,
-                assignments, print_config, overwrite, **shortcuts):
+                assignments, print_config, overwrite, quiet, **shortcuts):
     """Train on normal images only, then calibrate on the held-out ones."""
+    log = None if quiet else _log
     if resume_run_path is not None:
         if run is not None or data is not None or normal_dir is not None or config_file or assignments:
             raise HDMInputError("--resume RUN takes its data and settings from the run: give no --out, data or settings")
-        resume_run(resume_run_path, log=_log)
+        resume_run(resume_run_path, log=log, progress=not quiet)
         return
     config = build_config(config_file, assignments, **shortcuts)
     if print_config:
@@ -123,7 +129,7 @@ def fit_command(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_
     if run is None:
         raise HDMInputError("give --out RUN (a new run folder) or --resume RUN")
     source = data_source(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir)
-    fit_run(config, source, run, overwrite, log=_log)
+    fit_run(config, source, run, overwrite, log=log, progress=not quiet)
 
 
 @main.command("test")
@@ -131,14 +137,16 @@ def fit_command(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_
 @_data
 @_category
 @_folders
+@_quiet
 @_fail_cleanly
-def test_command(run, data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir):
+def test_command(run, data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir, quiet):
     """Evaluate on the test split (by default the run's own data) and write RUN/metrics.json."""
     given = data is not None or normal_dir is not None
     source = data_source(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir) if given else None
-    metrics = test_run(run, source).metrics
+    metrics = test_run(run, source, progress=not quiet).metrics
     click.echo(metrics_table(metrics, "model"))
-    click.echo(f"test: metrics in {run / 'metrics.json'}, report in {run / 'report.html'}", err=True)
+    if not quiet:
+        click.echo(f"test: metrics in {run / 'metrics.json'}, report in {run / 'report.html'}", err=True)
 
 
 @main.command("predict")
@@ -148,8 +156,9 @@ def test_command(run, data, category, normal_dir, abnormal_dir, mask_dir, normal
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (default RUN/predictions, or beside the .onnx file).")
 @click.option("--save-maps", is_flag=True, help="Also write each raw anomaly map as float32 .npy at the image's size.")
 @click.option("--batch-size", type=int, default=16, show_default=True)
+@_quiet
 @_fail_cleanly
-def predict_command(run, onnx_model, paths, out, save_maps, batch_size):
+def predict_command(run, onnx_model, paths, out, save_maps, batch_size, quiet):
     """Score images (files or folders): overlays, masks, scores.csv."""
     from .predict import predict_paths
 
@@ -169,9 +178,10 @@ def predict_command(run, onnx_model, paths, out, save_maps, batch_size):
 
         model, _ = load_model(run / MODEL_FILE)
         out = out or run / "predictions"
-    rows, errors = predict_paths(model, list(paths), out, save_maps, batch_size)
+    rows, errors = predict_paths(model, list(paths), out, save_maps, batch_size, progress=not quiet)
     flagged = sum(r["decision"] == "defect" for r in rows)
-    click.echo(f"predict: {len(rows)} images, {flagged} flagged as defective; outputs in {out}", err=True)
+    if not quiet:
+        click.echo(f"predict: {len(rows)} images, {flagged} flagged as defective; outputs in {out}", err=True)
     if errors:
         click.echo(f"predict: {len(errors)} files could not be read:", err=True)
         for error in errors:
@@ -198,8 +208,9 @@ def export_command(run, fmt, out):
 @click.option("--out", type=click.Path(path_type=Path), default=Path("hdm-demo"), show_default=True)
 @click.option("--steps", type=int, default=400, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Makes the demo reproducible.")
+@_quiet
 @_fail_cleanly
-def demo_command(out, steps, seed):
+def demo_command(out, steps, seed, quiet):
     """The main job: make the built-in dataset, then fit, test and predict on it."""
     from .predict import predict_paths
     from .store import load_model
@@ -211,11 +222,13 @@ def demo_command(out, steps, seed):
         make_default_dataset(data, seed=seed)
     run = out / "run"
     config = build_config(steps=steps, seed=seed)
-    fit_run(config, data_source(data, CATEGORY), run, overwrite=True, log=_log)
-    metrics = test_run(run).metrics
+    fit_run(config, data_source(data, CATEGORY), run, overwrite=True, log=None if quiet else _log, progress=not quiet)
+    metrics = test_run(run, progress=not quiet).metrics
     model, _ = load_model(run / MODEL_FILE)  # as a user gets it back
-    rows, _ = predict_paths(model, [data / CATEGORY / "test"], run / "predictions")
-    click.echo(f"predictions for {len(rows)} test images in {run / 'predictions'}; report in {run / 'report.html'}",
+    rows, _ = predict_paths(model, [data / CATEGORY / "test"], run / "predictions", progress=not quiet)
+    if not quiet:
+        click.echo(f"predictions for {len(rows)} test images in {run / 'predictions'}; report in {run / 'report.html'}",
                err=True)
     click.echo(metrics_table(metrics, CATEGORY))
-    click.echo(f"total {time.perf_counter() - started:.0f}s", err=True)
+    if not quiet:
+        click.echo(f"total {time.perf_counter() - started:.0f}s", err=True)

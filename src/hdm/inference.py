@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .data import HDMInputError, Sample, iter_batches, sample_mask
 from .metrics import compute_metrics, threshold_metrics
 from .model import HDM, to_model_input
+from .progress import bar as progress_bar
 
 
 @dataclass
@@ -31,7 +31,7 @@ def predict_samples(model: HDM, samples: list[Sample], batch_size: int = 16, pro
                     desc: str = "predict", keep_images: bool = False, calibrated: bool = False) -> Iterator[Prediction]:
     """`model` is an `HDM` in eval mode, or anything with its contract: `image_size`, images -> (maps,
     scores) and, with `calibrated`, `detect`: images -> (maps, scores, probabilities, decisions)."""
-    with torch.inference_mode(), tqdm(total=len(samples), desc=desc, disable=not progress, leave=False) as bar:
+    with torch.inference_mode(), progress_bar(total=len(samples), desc=desc, enabled=progress) as bar:
         for batch in iter_batches(samples, model.image_size, batch_size, keep_originals=keep_images):
             x = to_model_input(batch.images)
             if calibrated:
@@ -82,7 +82,7 @@ def calibrate(model: HDM, paths: list[Path], target_fpr: float, batch_size: int 
     prior behave on normal cells, which sets how they are fused, then the score-to-probability mapping
     and thresholds of the fused map."""
     voices = []
-    with torch.inference_mode(), tqdm(total=len(paths), desc="calibrate", disable=not progress, leave=False) as bar:
+    with torch.inference_mode(), progress_bar(total=len(paths), desc="calibrate", enabled=progress) as bar:
         for batch in iter_batches([Sample(p, 0) for p in paths], model.image_size, batch_size):
             if any(batch.errors):
                 raise HDMInputError(next(e for e in batch.errors if e))

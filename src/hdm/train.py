@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .config import HDMConfig
 from .dagm import DAGM, Provenance, SyntheticBatch, appearance_anomaly, foreign_textures, grid_mask, is_grayscale
 from .data import load_images_resized
 from .model import HDM, to_model_input
 from .pom import adapt_tau, filter_samples, hybrid_loss, map_losses, masked_change, refinement_losses
+from .progress import bar
 from .space import Features, FeatureSpace
 from .store import save_training_state
 
@@ -37,7 +37,7 @@ def encode(space: FeatureSpace, images: np.ndarray, batch_size: int = 16, desc: 
            progress: bool = True) -> Features:
     """Un-normalised features of N x S x S x 3 uint8 images, batch by batch."""
     chunks = []
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
+    for start in bar(range(0, len(images), batch_size), desc=desc, enabled=progress):
         chunks.append(space.raw_features(to_model_input(images[start:start + batch_size])))
     return Features(*(torch.cat(part) for part in zip(*chunks)))
 
@@ -177,8 +177,8 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
 
     steps = config.train.steps
     batch_size = config.train.batch_size
-    bar = tqdm(range(first, steps), desc="train", disable=not progress, initial=first, total=steps)
-    for step in bar:
+    steps_bar = bar(range(first, steps), desc="train", enabled=progress, initial=first, total=steps)
+    for step in steps_bar:
         index = torch.from_numpy(rng.integers(len(images), size=batch_size))
         pick = torch.from_numpy(rng.integers(app_mask.shape[1], size=batch_size))
         z0, f0 = normal.z[index], normal.fine[index]
@@ -231,7 +231,7 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
         history.losses.append(row)
         history.tau.append(dagm.tau)
         if step % 25 == 0:
-            bar.set_postfix(simple=f"{row['simple']:.3f}", focal=f"{row['focal']:.4f}", tau=f"{dagm.tau:.2f}")
+            steps_bar.set_postfix(simple=f"{row['simple']:.3f}", focal=f"{row['focal']:.4f}", tau=f"{dagm.tau:.2f}")
         if state_file is not None and (step + 1) % config.train.checkpoint_every == 0 and step + 1 < steps:
             history.seconds = previous_seconds + time.perf_counter() - started
             save_training_state(state_file, {**parts.state(step + 1), "config": config.to_dict(),
