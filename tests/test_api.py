@@ -1,6 +1,7 @@
 """The public API: the README's example as written, and the detector's typed results."""
 
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,20 @@ def test_predictions_are_typed_and_at_each_images_own_size(example_run, tmp_path
     assert batch.maps.shape == (2, 1, detector.image_size, detector.image_size) and batch.is_defect.dtype == torch.bool
 
 
+def test_an_onnx_export_loads_into_the_same_detector(example_run, tmp_path):
+    from hdm.export import export_onnx
+    from hdm.store import load_model
+
+    run, _ = example_run
+    onnx_file = tmp_path / "model.onnx"
+    export_onnx(load_model(run / "model.pt")[0], onnx_file)
+    images = [(np.random.default_rng(seed).random((50, 60, 3)) * 255).astype(np.uint8) for seed in range(3)]
+    in_torch, in_onnx = hdm.load(run).predict(images), hdm.load(onnx_file).predict(images)
+    assert "OnnxDetector" in repr(hdm.load(onnx_file))
+    for a, b in zip(in_torch, in_onnx):
+        assert np.allclose(a.map, b.map, atol=1e-4) and abs(a.score - b.score) < 1e-4 and a.is_defect == b.is_defect
+
+
 def test_metrics_serialise_to_the_metrics_json_keys(example_run):
     run, _ = example_run
     metrics = hdm.test(run, report=False)
@@ -58,6 +73,8 @@ def test_metrics_serialise_to_the_metrics_json_keys(example_run):
 
 @pytest.mark.parametrize("call, message", [
     (lambda run: hdm.load(run.parent / "nothing"), "neither a run folder"),
+    (lambda run: hdm.load(run.parent / "nothing.onnx"), "nothing.onnx: model file not found"),
+    (lambda run: hdm.load(shutil.copy(run / "model.pt", run.parent / "model.onnx")), "not a loadable ONNX model"),
     (lambda run: hdm.load(run).predict(np.zeros((4, 4, 3), np.uint8)), "at least 8 x 8"),
     (lambda run: hdm.load(run).predict(run / "missing.png"), "missing.png: file not found"),
     (lambda run: hdm.fit(run, out=run / "again", settings={"train.stepz": 3}), "unknown setting 'train.stepz'"),
