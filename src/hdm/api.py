@@ -17,6 +17,7 @@ import torch
 
 from .config import HDMConfig, resolve
 from .data import HDMInputError, Sample, iter_batches, list_images, resize_image, to_uint8
+from .device import device_of, resolve_device
 from .model import to_model_input
 from .predict import resize_map
 from .runs import MODEL_FILE, Run, data_source, fit_run, resume_run, test_run
@@ -78,17 +79,19 @@ class Detector:
         self.source = source
         self.image_size: int = model.image_size
         self.pixel_threshold: float = float(model.pixel_threshold)
+        self.device = device_of(model)
 
     def __repr__(self) -> str:
-        return f"Detector({self.source}, {type(self._model).__name__}, {self.image_size}px)"
+        return f"Detector({self.source}, {type(self._model).__name__}, {self.image_size}px, {self.device})"
 
     def predict_batch(self, images: torch.Tensor) -> BatchPrediction:
-        """B x 3 x S x S floats in [0, 1] at the model's size -> maps, scores, probabilities, decisions."""
+        """B x 3 x S x S floats in [0, 1] at the model's size -> maps, scores, probabilities, decisions
+        (computed on the detector's device, returned on the CPU)."""
         if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (self.image_size,) * 2:
             raise HDMInputError(f"expected a B x 3 x {self.image_size} x {self.image_size} batch, "
                                 f"got {tuple(images.shape)}")
         with torch.inference_mode():
-            return BatchPrediction(*self._model.detect(images.float()))
+            return BatchPrediction(*(t.cpu() for t in self._model.detect(images.float().to(self.device))))
 
     def predict(self, images: ImageInput | Iterable[ImageInput], batch_size: int = 16) -> list[ImagePrediction]:
         """Image files, folders (every image below them), numpy arrays (H x W or H x W x 3, any of hdm's
@@ -145,32 +148,34 @@ def fit(data: str | Path | None = None, category: str | None = None, *, out: str
         normal_dir: str | Path | None = None, abnormal_dir: str | Path | None = None,
         mask_dir: str | Path | None = None, normal_test_dir: str | Path | None = None,
         config: HDMConfig | str | Path | None = None, settings: dict[str, Any] | Iterable[str] | None = None,
-        overwrite: bool = False, progress: bool = False, log=None) -> Run:
+        overwrite: bool = False, progress: bool = False, log=None, device: str = "auto") -> Run:
     """As `hdm fit`: an MVTec-like or VisA root with `category`, a plain folder of normal images, or
-    generic folders; `config` (a TOML file or an `HDMConfig`) and `settings` as `--config` and `--set`."""
+    generic folders; `config` (a TOML file or an `HDMConfig`) and `settings` as `--config` and `--set`;
+    `device` 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N' or 'mps'."""
     # Bad settings stop before any work.
     resolved = (resolve(config, settings) if isinstance(settings, dict)
                 else resolve(config, assignments=settings or ()))
     as_path = lambda p: None if p is None else Path(p)  # noqa: E731
     source = data_source(as_path(data), category, as_path(normal_dir), as_path(abnormal_dir), as_path(mask_dir),
                          as_path(normal_test_dir))
-    return fit_run(resolved, source, Path(out), overwrite, log=log, progress=progress)
+    return fit_run(resolved, source, Path(out), overwrite, log=log, progress=progress, device=device)
 
 
-def resume(run: str | Path, progress: bool = False, log=None) -> Run:
-    """Continue an interrupted fit from its last checkpoint, as `hdm fit --resume`."""
-    return resume_run(Path(run), log=log, progress=progress)
+def resume(run: str | Path, progress: bool = False, log=None, device: str = "auto") -> Run:
+    """Continue an interrupted fit from its last checkpoint, as `hdm fit --resume`, on any device."""
+    return resume_run(Path(run), log=log, progress=progress, device=device)
 
 
 def test(run: str | Path, data: str | Path | None = None, category: str | None = None, report: bool = True,
-         progress: bool = False) -> Metrics:
+         progress: bool = False, device: str = "auto") -> Metrics:
     """As `hdm test`: the run's own test data by default; writes metrics.json (and report.html) into the run."""
     source = data_source(Path(data), category) if data is not None else None
-    return Metrics.from_dict(test_run(Path(run), source, progress=progress, report=report).metrics)
+    return Metrics.from_dict(test_run(Path(run), source, progress=progress, report=report, device=device).metrics)
 
 
-def load(path: str | Path) -> Detector:
-    """A run folder (or its model.pt) or an exported .onnx file -> a calibrated `Detector`."""
+def load(path: str | Path, device: str = "auto") -> Detector:
+    """A run folder (or its model.pt) on `device`, or an exported .onnx file (run by onnxruntime on the
+    CPU) -> a calibrated `Detector`."""
     path = Path(path)
     if path.suffix.lower() == ".onnx":
         from .export import OnnxDetector
@@ -186,4 +191,4 @@ def load(path: str | Path) -> Detector:
     model, _ = load_model(checkpoint)
     if not model.calibration.fitted:
         raise HDMInputError(f"{checkpoint}: the model has no calibration (it was not made by `hdm fit`)")
-    return Detector(model, path)
+    return Detector(model.to(resolve_device(device)), path)

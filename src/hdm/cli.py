@@ -18,6 +18,8 @@ def _log(message: str) -> None:
     click.echo(message, err=True)
 
 
+_device = click.option("--device", default="auto", show_default=True,
+                       help="auto (CUDA when present), cpu, cuda, cuda:N or mps.")
 _quiet = click.option("--quiet", "-q", is_flag=True,
                       help="No progress bars or progress lines; results and errors still print.")
 
@@ -109,16 +111,17 @@ def _folders(func):
               help="Sets calibration.target_fpr: the false-alarm rate on normal parts the thresholds aim for.")
 @click.option("--checkpoint-every", type=int, help="Sets train.checkpoint_every: steps between resumable checkpoints.")
 @click.option("--overwrite", is_flag=True, help="Replace a model already in the run folder.")
+@_device
 @_quiet
 @_fail_cleanly
 def fit_command(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir, run, resume_run_path, config_file,
-                assignments, print_config, overwrite, quiet, **shortcuts):
+                assignments, print_config, overwrite, device, quiet, **shortcuts):
     """Train on normal images only, then calibrate on the held-out ones."""
     log = None if quiet else _log
     if resume_run_path is not None:
         if run is not None or data is not None or normal_dir is not None or config_file or assignments:
             raise HDMInputError("--resume RUN takes its data and settings from the run: give no --out, data or settings")
-        resume_run(resume_run_path, log=log, progress=not quiet)
+        resume_run(resume_run_path, log=log, progress=not quiet, device=device)
         return
     config = build_config(config_file, assignments, **shortcuts)
     if print_config:
@@ -129,7 +132,7 @@ def fit_command(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_
     if run is None:
         raise HDMInputError("give --out RUN (a new run folder) or --resume RUN")
     source = data_source(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir)
-    fit_run(config, source, run, overwrite, log=log, progress=not quiet)
+    fit_run(config, source, run, overwrite, log=log, progress=not quiet, device=device)
 
 
 @main.command("test")
@@ -137,13 +140,14 @@ def fit_command(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_
 @_data
 @_category
 @_folders
+@_device
 @_quiet
 @_fail_cleanly
-def test_command(run, data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir, quiet):
+def test_command(run, data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir, device, quiet):
     """Evaluate on the test split (by default the run's own data) and write RUN/metrics.json."""
     given = data is not None or normal_dir is not None
     source = data_source(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir) if given else None
-    metrics = test_run(run, source, progress=not quiet).metrics
+    metrics = test_run(run, source, progress=not quiet, device=device).metrics
     click.echo(metrics_table(metrics, "model"))
     if not quiet:
         click.echo(f"test: metrics in {run / 'metrics.json'}, report in {run / 'report.html'}", err=True)
@@ -156,10 +160,11 @@ def test_command(run, data, category, normal_dir, abnormal_dir, mask_dir, normal
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (default RUN/predictions, or beside the .onnx file).")
 @click.option("--save-maps", is_flag=True, help="Also write each raw anomaly map as float32 .npy at the image's size.")
 @click.option("--batch-size", type=int, default=16, show_default=True)
+@_device
 @_quiet
 @_fail_cleanly
-def predict_command(run, onnx_model, paths, out, save_maps, batch_size, quiet):
-    """Score images (files or folders): overlays, masks, scores.csv."""
+def predict_command(run, onnx_model, paths, out, save_maps, batch_size, device, quiet):
+    """Score images (files or folders): overlays, masks, scores.csv. An .onnx model runs on the CPU."""
     from .predict import predict_paths
 
     if (run is None) == (onnx_model is None):
@@ -174,9 +179,11 @@ def predict_command(run, onnx_model, paths, out, save_maps, batch_size, quiet):
         model = OnnxDetector(onnx_model)
         out = out or onnx_model.parent / "predictions"
     else:
+        from .device import resolve_device
         from .store import load_model
 
         model, _ = load_model(run / MODEL_FILE)
+        model.to(resolve_device(device))
         out = out or run / "predictions"
     rows, errors = predict_paths(model, list(paths), out, save_maps, batch_size, progress=not quiet)
     flagged = sum(r["decision"] == "defect" for r in rows)
@@ -208,10 +215,12 @@ def export_command(run, fmt, out):
 @click.option("--out", type=click.Path(path_type=Path), default=Path("hdm-demo"), show_default=True)
 @click.option("--steps", type=int, default=400, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Makes the demo reproducible.")
+@_device
 @_quiet
 @_fail_cleanly
-def demo_command(out, steps, seed, quiet):
+def demo_command(out, steps, seed, device, quiet):
     """The main job: make the built-in dataset, then fit, test and predict on it."""
+    from .device import resolve_device
     from .predict import predict_paths
     from .store import load_model
     from .synthetic import CATEGORY, make_default_dataset
@@ -222,9 +231,11 @@ def demo_command(out, steps, seed, quiet):
         make_default_dataset(data, seed=seed)
     run = out / "run"
     config = build_config(steps=steps, seed=seed)
-    fit_run(config, data_source(data, CATEGORY), run, overwrite=True, log=None if quiet else _log, progress=not quiet)
-    metrics = test_run(run, progress=not quiet).metrics
+    fit_run(config, data_source(data, CATEGORY), run, overwrite=True, log=None if quiet else _log, progress=not quiet,
+            device=device)
+    metrics = test_run(run, progress=not quiet, device=device).metrics
     model, _ = load_model(run / MODEL_FILE)  # as a user gets it back
+    model.to(resolve_device(device))
     rows, _ = predict_paths(model, [data / CATEGORY / "test"], run / "predictions", progress=not quiet)
     if not quiet:
         click.echo(f"predictions for {len(rows)} test images in {run / 'predictions'}; report in {run / 'report.html'}",

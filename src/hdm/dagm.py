@@ -160,14 +160,14 @@ class DAGM:
     @torch.no_grad()
     def diffusion_content(self, z0: torch.Tensor, denoiser: Denoiser, generator: torch.Generator) -> torch.Tensor:
         """Noise z_0 to t_a, then reverse with variance (1 + tau) Sigma_theta down to z_0'."""
-        process = self.reverse
+        process, device = self.reverse, z0.device
         last = process.num_timesteps - 1
-        t = torch.full((z0.shape[0],), last, dtype=torch.long)
-        z = process.q_sample(z0, t, torch.randn(z0.shape, generator=generator))
+        t = torch.full((z0.shape[0],), last, dtype=torch.long, device=device)
+        z = process.q_sample(z0, t, torch.randn(z0.shape, generator=generator).to(device))
         for index in range(last, -1, -1):
-            t = torch.full((z0.shape[0],), index, dtype=torch.long)
+            t = torch.full((z0.shape[0],), index, dtype=torch.long, device=device)
             eps, v = denoiser(z, process.timestep_map[t])
-            z = process.p_sample(eps, v, z, t, torch.randn(z0.shape, generator=generator), tau=self.tau)
+            z = process.p_sample(eps, v, z, t, torch.randn(z0.shape, generator=generator).to(device), tau=self.tau)
         return z
 
     def perlin_grid_masks(self, count: int, rng: np.random.Generator) -> torch.Tensor:
@@ -178,19 +178,20 @@ class DAGM:
     def make_batch(self, z0: torch.Tensor, appearance_z: torch.Tensor, appearance_mask: torch.Tensor,
                    denoiser: Denoiser, progress: float, rng: np.random.Generator,
                    generator: torch.Generator) -> SyntheticBatch:
-        """z0: B normal samples; appearance_*: B pre-encoded appearance anomalies paired with them."""
-        batch = z0.shape[0]
+        """z0: B normal samples; appearance_*: B pre-encoded appearance anomalies paired with them (all on
+        one device; the random draws come from the CPU generators)."""
+        batch, device = z0.shape[0], z0.device
         anomalous = torch.from_numpy(rng.random(batch) < self.config.p_anomaly)
         use_diffusion = anomalous & torch.from_numpy(rng.random(batch) < self.diffusion_share(progress))
         use_appearance = anomalous & ~use_diffusion
         z = z0.clone()
-        mask = torch.zeros(batch, 1, self.mask_grid, self.mask_grid)
-        source = torch.full((batch,), int(Provenance.NORMAL), dtype=torch.long)
-        opacity = torch.from_numpy(rng.uniform(*self.config.opacity, size=batch)).float().view(-1, 1, 1, 1)
+        mask = torch.zeros(batch, 1, self.mask_grid, self.mask_grid, device=device)
+        source = torch.full((batch,), int(Provenance.NORMAL), dtype=torch.long, device=device)
+        opacity = torch.from_numpy(rng.uniform(*self.config.opacity, size=batch)).float().view(-1, 1, 1, 1).to(device)
         if use_diffusion.any():
             index = use_diffusion.nonzero().flatten()
             content = self.diffusion_content(z0[index], denoiser, generator)
-            m = self.perlin_grid_masks(len(index), rng)
+            m = self.perlin_grid_masks(len(index), rng).to(device)
             z[index] = z0[index] + opacity[index] * coverage(m, self.grid) * (content - z0[index])
             mask[index] = m
             source[index] = Provenance.DIFFUSION

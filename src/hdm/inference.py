@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .data import HDMInputError, Sample, iter_batches, sample_mask
+from .device import device_of
 from .metrics import compute_metrics, threshold_metrics
 from .model import HDM, to_model_input
 from .progress import bar as progress_bar
@@ -30,14 +31,16 @@ class Prediction:
 def predict_samples(model: HDM, samples: list[Sample], batch_size: int = 16, progress: bool = True,
                     desc: str = "predict", keep_images: bool = False, calibrated: bool = False) -> Iterator[Prediction]:
     """`model` is an `HDM` in eval mode, or anything with its contract: `image_size`, images -> (maps,
-    scores) and, with `calibrated`, `detect`: images -> (maps, scores, probabilities, decisions)."""
+    scores) and, with `calibrated`, `detect`: images -> (maps, scores, probabilities, decisions). It
+    computes on the model's device."""
+    device = device_of(model)
     with torch.inference_mode(), progress_bar(total=len(samples), desc=desc, enabled=progress) as bar:
         for batch in iter_batches(samples, model.image_size, batch_size, keep_originals=keep_images):
-            x = to_model_input(batch.images)
+            x = to_model_input(batch.images).to(device)
             if calibrated:
-                maps, scores, probabilities, decisions = model.detect(x)
+                maps, scores, probabilities, decisions = (t.cpu() for t in model.detect(x))
             else:
-                (maps, scores), probabilities, decisions = model(x), None, None
+                (maps, scores), probabilities, decisions = (t.cpu() for t in model(x)), None, None
             for i, sample in enumerate(batch.samples):
                 yield Prediction(sample, maps[i, 0].numpy(), float(scores[i]), batch.shapes[i], batch.errors[i],
                                  batch.originals[i],
@@ -81,16 +84,16 @@ def calibrate(model: HDM, paths: list[Path], target_fpr: float, batch_size: int 
     """POM's calibration on held-out normal images, in one pass over them: how DDM's head and the density
     prior behave on normal cells, which sets how they are fused, then the score-to-probability mapping
     and thresholds of the fused map."""
-    voices = []
+    voices, device = [], device_of(model)
     with torch.inference_mode(), progress_bar(total=len(paths), desc="calibrate", enabled=progress) as bar:
         for batch in iter_batches([Sample(p, 0) for p in paths], model.image_size, batch_size):
             if any(batch.errors):
                 raise HDMInputError(next(e for e in batch.errors if e))
-            voices.append(model.voices(to_model_input(batch.images)))
+            voices.append(model.voices(to_model_input(batch.images).to(device)))
             bar.update(len(batch.samples))
         if model.density is not None:
             model.density.fit_null(torch.cat([logits for logits, _ in voices]), torch.cat([prior for _, prior in voices]))
         finished = [model.finish(logits, prior) for logits, prior in voices]
-    scores = torch.cat([s for _, s in finished]).numpy()
-    maxima = torch.cat([maps.flatten(1).amax(1) for maps, _ in finished]).numpy()
+    scores = torch.cat([s for _, s in finished]).cpu().numpy()
+    maxima = torch.cat([maps.flatten(1).amax(1) for maps, _ in finished]).cpu().numpy()
     model.calibration.fit(scores, maxima, target_fpr)

@@ -114,12 +114,12 @@ def coreset(cells: torch.Tensor, size: int, generator: torch.Generator, candidat
     """Indices of `size` rows of `cells` (N x C) that cover them: greedy k-centre selection (as in
     PatchCore) on a random projection, among at most `candidates` rows drawn at random. Rare normal
     patterns keep a bank entry, which a uniform sample of the same size would mostly miss."""
-    pool = torch.randperm(len(cells), generator=generator)[:candidates]
+    pool = torch.randperm(len(cells), generator=generator)[:candidates].to(cells.device)
     if len(pool) <= size:
         return pool
-    projection = torch.randn(cells.shape[1], dims, generator=generator) / math.sqrt(dims)
+    projection = torch.randn(cells.shape[1], dims, generator=generator).to(cells.device) / math.sqrt(dims)
     points = cells[pool] @ projection
-    chosen = torch.empty(size, dtype=torch.long)
+    chosen = torch.empty(size, dtype=torch.long, device=cells.device)
     chosen[0] = int(torch.randint(len(points), (1,), generator=generator))
     nearest = ((points - points[chosen[0]]) ** 2).sum(1)
     for i in range(1, size):

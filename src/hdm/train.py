@@ -19,6 +19,7 @@ import torch
 from .config import HDMConfig
 from .dagm import DAGM, Provenance, SyntheticBatch, appearance_anomaly, foreign_textures, grid_mask, is_grayscale
 from .data import load_images_resized
+from .device import device_of
 from .model import HDM, to_model_input
 from .pom import adapt_tau, filter_samples, hybrid_loss, map_losses, masked_change, refinement_losses
 from .progress import bar
@@ -35,10 +36,10 @@ def seed_everything(seed: int) -> None:
 @torch.no_grad()
 def encode(space: FeatureSpace, images: np.ndarray, batch_size: int = 16, desc: str = "encode",
            progress: bool = True) -> Features:
-    """Un-normalised features of N x S x S x 3 uint8 images, batch by batch."""
-    chunks = []
+    """Un-normalised features of N x S x S x 3 uint8 images, batch by batch, on the space's device."""
+    device, chunks = device_of(space), []
     for start in bar(range(0, len(images), batch_size), desc=desc, enabled=progress):
-        chunks.append(space.raw_features(to_model_input(images[start:start + batch_size])))
+        chunks.append(space.raw_features(to_model_input(images[start:start + batch_size]).to(device)))
     return Features(*(torch.cat(part) for part in zip(*chunks)))
 
 
@@ -78,7 +79,7 @@ def build_appearance_pool(space: FeatureSpace, images: np.ndarray, config: HDMCo
     features = space.normalise(encode(space, np.stack(made), desc="encode anomalies", progress=progress))
     shape = (len(images), per_image)
     return (Features(*(part.view(*shape, *part.shape[1:]) for part in features)),
-            torch.stack(masks).view(*shape, 1, space.fine_grid, space.fine_grid))
+            torch.stack(masks).view(*shape, 1, space.fine_grid, space.fine_grid).to(features.z.device))
 
 
 def refinement_inputs(batch: SyntheticBatch, normal_fine: torch.Tensor, appearance_fine: torch.Tensor,
@@ -132,8 +133,8 @@ class TrainingParts:
 
 def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callable[[str], None] = print,
         state_file: Path | None = None, resume_from: dict | None = None,
-        extra: dict | None = None) -> tuple[HDM, TrainingLog]:
-    """Train HDM on normal images only.
+        extra: dict | None = None, device: torch.device = torch.device("cpu")) -> tuple[HDM, TrainingLog]:
+    """Train HDM on normal images only, on `device` (the returned model stays there).
 
     With `state_file`, the full training state (weights, EMA, optimiser, schedule, tau, every RNG
     and the log) is written there atomically every `train.checkpoint_every` steps, with `extra`
@@ -147,7 +148,7 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
     started = time.perf_counter()
 
     images = load_images_resized(paths, config.space.image_size)
-    model = HDM(config)
+    model = HDM(config).to(device)
     space = model.space
     raw = encode(space, images, desc="encode normal", progress=progress)
     space.fit_statistics(raw)
@@ -187,8 +188,8 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
             z0, f0, az, af, am = (x.flip(-1) for x in (z0, f0, az, af, am))
 
         # POM, generation side: the hybrid objective on normal samples only.
-        t = torch.randint(0, diffusion.num_timesteps, (batch_size,), generator=generator)
-        noise = torch.randn(z0.shape, generator=generator)
+        t = torch.randint(0, diffusion.num_timesteps, (batch_size,), generator=generator).to(device)
+        noise = torch.randn(z0.shape, generator=generator).to(device)
         zt = diffusion.q_sample(z0, t, noise)
         eps, v = denoiser(zt, t)
         l_simple, l_vlb = hybrid_loss(diffusion, z0, zt, t, noise, eps, v, config.pom.lambda_vlb)

@@ -1,0 +1,47 @@
+"""Which device a run computes on.
+
+Random draws always come from CPU generators and then move to the device, so a seed gives the same
+draws wherever the run computes, and a run made on a GPU can be repeated on a CPU (up to float rounding).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from .data import HDMInputError
+
+CHOICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:N' or 'mps' -> a device this machine
+    has; anything else is one line saying why not."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise HDMInputError(f"device {name!r}: not one of {CHOICES}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise HDMInputError(f"device {name!r}: this torch build or machine has no CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise HDMInputError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise HDMInputError(f"device {name!r}: MPS is not available here")
+    elif device.type != "cpu":
+        raise HDMInputError(f"device {name!r}: not one of {CHOICES}")
+    return device
+
+
+def device_of(model) -> torch.device:
+    """Where a model's tensors live; the CPU for anything that is not a torch module (an ONNX session)."""
+    if isinstance(model, torch.nn.Module):
+        for tensor in itertools.chain(model.buffers(), model.parameters()):
+            return tensor.device
+    return torch.device("cpu")
