@@ -30,3 +30,34 @@ def test_missing_cuda_is_one_line_before_any_work(tmp_path):
 def test_device_of_reads_a_module_and_defaults_to_the_cpu():
     assert device_of(torch.nn.Linear(2, 2)) == torch.device("cpu")
     assert device_of(object()) == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_bf16_off_cuda_is_one_line(tmp_path):
+    result = CliRunner().invoke(main, ["fit", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--device", "cpu",
+                                       "--precision", "bf16"])
+    assert result.exit_code != 0 and "bf16 needs a CUDA device" in result.output and "Traceback" not in result.output
+
+
+def test_the_bf16_path_trains_and_keeps_the_prior_in_fp32(tmp_path, monkeypatch):
+    """The autocast path, exercised on the CPU (where users are refused it only because it is slow there)."""
+    import hdm.train
+    from hdm.config import HDMConfig
+    from hdm.data import list_images
+    from hdm.synthetic import CATEGORY, make_default_dataset
+
+    config = HDMConfig()
+    config.space.image_size, config.train.steps, config.train.batch_size = 64, 3, 4
+    config.dagm.warmup_fraction = 0.0  # diffusion-made content from the first step
+    monkeypatch.setattr(hdm.train, "check_precision", lambda precision, device: None)
+    data = make_default_dataset(tmp_path, n_train=4, n_test_good=0, n_per_defect=0, size=64)
+    model, history = hdm.train.fit(config, list_images(data / CATEGORY / "train" / "good"), progress=False,
+                                   log=lambda m: None, precision="bf16")
+    assert model.precision == "bf16" and all(v == v for v in history.summary().values())  # no NaN
+    images = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        logits, prior = model.voices(images)
+        model.precision = "fp32"
+        logits32, prior32 = model.voices(images)
+    assert logits.dtype == prior.dtype == torch.float32
+    assert torch.allclose(prior, prior32, atol=0.05) and torch.allclose(logits, logits32, atol=0.5)

@@ -17,7 +17,7 @@ import torch
 
 from .config import HDMConfig, resolve
 from .data import HDMInputError, Sample, iter_batches, list_images, resize_image, to_uint8
-from .device import device_of, resolve_device
+from .device import device_of, place
 from .model import to_model_input
 from .predict import resize_map
 from .runs import MODEL_FILE, Run, data_source, fit_run, resume_run, test_run
@@ -148,34 +148,38 @@ def fit(data: str | Path | None = None, category: str | None = None, *, out: str
         normal_dir: str | Path | None = None, abnormal_dir: str | Path | None = None,
         mask_dir: str | Path | None = None, normal_test_dir: str | Path | None = None,
         config: HDMConfig | str | Path | None = None, settings: dict[str, Any] | Iterable[str] | None = None,
-        overwrite: bool = False, progress: bool = False, log=None, device: str = "auto") -> Run:
+        overwrite: bool = False, progress: bool = False, log=None, device: str = "auto",
+        precision: str = "fp32") -> Run:
     """As `hdm fit`: an MVTec-like or VisA root with `category`, a plain folder of normal images, or
     generic folders; `config` (a TOML file or an `HDMConfig`) and `settings` as `--config` and `--set`;
-    `device` 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N' or 'mps'."""
+    `device` 'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:N' or 'mps'; `precision` 'fp32' or, on
+    CUDA, 'bf16' (autocast)."""
     # Bad settings stop before any work.
     resolved = (resolve(config, settings) if isinstance(settings, dict)
                 else resolve(config, assignments=settings or ()))
     as_path = lambda p: None if p is None else Path(p)  # noqa: E731
     source = data_source(as_path(data), category, as_path(normal_dir), as_path(abnormal_dir), as_path(mask_dir),
                          as_path(normal_test_dir))
-    return fit_run(resolved, source, Path(out), overwrite, log=log, progress=progress, device=device)
+    return fit_run(resolved, source, Path(out), overwrite, log=log, progress=progress, device=device,
+                   precision=precision)
 
 
-def resume(run: str | Path, progress: bool = False, log=None, device: str = "auto") -> Run:
+def resume(run: str | Path, progress: bool = False, log=None, device: str = "auto", precision: str = "fp32") -> Run:
     """Continue an interrupted fit from its last checkpoint, as `hdm fit --resume`, on any device."""
-    return resume_run(Path(run), log=log, progress=progress, device=device)
+    return resume_run(Path(run), log=log, progress=progress, device=device, precision=precision)
 
 
 def test(run: str | Path, data: str | Path | None = None, category: str | None = None, report: bool = True,
-         progress: bool = False, device: str = "auto") -> Metrics:
+         progress: bool = False, device: str = "auto", precision: str = "fp32") -> Metrics:
     """As `hdm test`: the run's own test data by default; writes metrics.json (and report.html) into the run."""
     source = data_source(Path(data), category) if data is not None else None
-    return Metrics.from_dict(test_run(Path(run), source, progress=progress, report=report, device=device).metrics)
+    return Metrics.from_dict(test_run(Path(run), source, progress=progress, report=report, device=device,
+                                      precision=precision).metrics)
 
 
-def load(path: str | Path, device: str = "auto") -> Detector:
-    """A run folder (or its model.pt) on `device`, or an exported .onnx file (run by onnxruntime on the
-    CPU) -> a calibrated `Detector`."""
+def load(path: str | Path, device: str = "auto", precision: str = "fp32") -> Detector:
+    """A run folder (or its model.pt) on `device` in `precision`, or an exported .onnx file (run by
+    onnxruntime on the CPU) -> a calibrated `Detector`."""
     path = Path(path)
     if path.suffix.lower() == ".onnx":
         from .export import OnnxDetector
@@ -191,4 +195,4 @@ def load(path: str | Path, device: str = "auto") -> Detector:
     model, _ = load_model(checkpoint)
     if not model.calibration.fitted:
         raise HDMInputError(f"{checkpoint}: the model has no calibration (it was not made by `hdm fit`)")
-    return Detector(model.to(resolve_device(device)), path)
+    return Detector(place(model, device, precision), path)

@@ -18,8 +18,11 @@ def _log(message: str) -> None:
     click.echo(message, err=True)
 
 
-_device = click.option("--device", default="auto", show_default=True,
-                       help="auto (CUDA when present), cpu, cuda, cuda:N or mps.")
+def _device(func):
+    func = click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+                        help="bf16: the networks run under CUDA autocast (CUDA only).")(func)
+    return click.option("--device", default="auto", show_default=True,
+                        help="auto (CUDA when present), cpu, cuda, cuda:N or mps.")(func)
 _quiet = click.option("--quiet", "-q", is_flag=True,
                       help="No progress bars or progress lines; results and errors still print.")
 
@@ -115,13 +118,13 @@ def _folders(func):
 @_quiet
 @_fail_cleanly
 def fit_command(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir, run, resume_run_path, config_file,
-                assignments, print_config, overwrite, device, quiet, **shortcuts):
+                assignments, print_config, overwrite, device, precision, quiet, **shortcuts):
     """Train on normal images only, then calibrate on the held-out ones."""
     log = None if quiet else _log
     if resume_run_path is not None:
         if run is not None or data is not None or normal_dir is not None or config_file or assignments:
             raise HDMInputError("--resume RUN takes its data and settings from the run: give no --out, data or settings")
-        resume_run(resume_run_path, log=log, progress=not quiet, device=device)
+        resume_run(resume_run_path, log=log, progress=not quiet, device=device, precision=precision)
         return
     config = build_config(config_file, assignments, **shortcuts)
     if print_config:
@@ -132,7 +135,7 @@ def fit_command(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_
     if run is None:
         raise HDMInputError("give --out RUN (a new run folder) or --resume RUN")
     source = data_source(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir)
-    fit_run(config, source, run, overwrite, log=log, progress=not quiet, device=device)
+    fit_run(config, source, run, overwrite, log=log, progress=not quiet, device=device, precision=precision)
 
 
 @main.command("test")
@@ -143,11 +146,11 @@ def fit_command(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_
 @_device
 @_quiet
 @_fail_cleanly
-def test_command(run, data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir, device, quiet):
+def test_command(run, data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir, device, precision, quiet):
     """Evaluate on the test split (by default the run's own data) and write RUN/metrics.json."""
     given = data is not None or normal_dir is not None
     source = data_source(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir) if given else None
-    metrics = test_run(run, source, progress=not quiet, device=device).metrics
+    metrics = test_run(run, source, progress=not quiet, device=device, precision=precision).metrics
     click.echo(metrics_table(metrics, "model"))
     if not quiet:
         click.echo(f"test: metrics in {run / 'metrics.json'}, report in {run / 'report.html'}", err=True)
@@ -163,7 +166,7 @@ def test_command(run, data, category, normal_dir, abnormal_dir, mask_dir, normal
 @_device
 @_quiet
 @_fail_cleanly
-def predict_command(run, onnx_model, paths, out, save_maps, batch_size, device, quiet):
+def predict_command(run, onnx_model, paths, out, save_maps, batch_size, device, precision, quiet):
     """Score images (files or folders): overlays, masks, scores.csv. An .onnx model runs on the CPU."""
     from .predict import predict_paths
 
@@ -179,11 +182,10 @@ def predict_command(run, onnx_model, paths, out, save_maps, batch_size, device, 
         model = OnnxDetector(onnx_model)
         out = out or onnx_model.parent / "predictions"
     else:
-        from .device import resolve_device
+        from .device import place
         from .store import load_model
 
-        model, _ = load_model(run / MODEL_FILE)
-        model.to(resolve_device(device))
+        model = place(load_model(run / MODEL_FILE)[0], device, precision)
         out = out or run / "predictions"
     rows, errors = predict_paths(model, list(paths), out, save_maps, batch_size, progress=not quiet)
     flagged = sum(r["decision"] == "defect" for r in rows)
@@ -218,9 +220,9 @@ def export_command(run, fmt, out):
 @_device
 @_quiet
 @_fail_cleanly
-def demo_command(out, steps, seed, device, quiet):
+def demo_command(out, steps, seed, device, precision, quiet):
     """The main job: make the built-in dataset, then fit, test and predict on it."""
-    from .device import resolve_device
+    from .device import place
     from .predict import predict_paths
     from .store import load_model
     from .synthetic import CATEGORY, make_default_dataset
@@ -232,10 +234,9 @@ def demo_command(out, steps, seed, device, quiet):
     run = out / "run"
     config = build_config(steps=steps, seed=seed)
     fit_run(config, data_source(data, CATEGORY), run, overwrite=True, log=None if quiet else _log, progress=not quiet,
-            device=device)
-    metrics = test_run(run, progress=not quiet, device=device).metrics
-    model, _ = load_model(run / MODEL_FILE)  # as a user gets it back
-    model.to(resolve_device(device))
+            device=device, precision=precision)
+    metrics = test_run(run, progress=not quiet, device=device, precision=precision).metrics
+    model = place(load_model(run / MODEL_FILE)[0], device, precision)  # as a user gets it back
     rows, _ = predict_paths(model, [data / CATEGORY / "test"], run / "predictions", progress=not quiet)
     if not quiet:
         click.echo(f"predictions for {len(rows)} test images in {run / 'predictions'}; report in {run / 'report.html'}",

@@ -45,3 +45,27 @@ def device_of(model) -> torch.device:
         for tensor in itertools.chain(model.buffers(), model.parameters()):
             return tensor.device
     return torch.device("cpu")
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """bf16 is opt-in and CUDA-only: on CPUs without AVX-512 bf16 runs many times slower than fp32."""
+    if precision not in PRECISIONS:
+        raise HDMInputError(f"precision {precision!r}: not one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" and device.type != "cuda":
+        raise HDMInputError(f"precision bf16 needs a CUDA device, not {device} (use fp32 there)")
+
+
+def autocast(device: torch.device, precision: str):
+    """The context the networks' forward passes run in: bf16 autocast when asked for, plain fp32 otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def place(model: torch.nn.Module, device: str | torch.device = "auto", precision: str = "fp32") -> torch.nn.Module:
+    """Move a model to `device` (see `resolve_device`) and set the precision its networks run in."""
+    resolved = resolve_device(device)
+    check_precision(precision, resolved)
+    model.precision = precision
+    return model.to(resolved)

@@ -8,6 +8,7 @@ from torch import nn
 from .config import HDMConfig
 from .ddm import DDM
 from .denoiser import Denoiser
+from .device import autocast
 from .diffusion import GaussianDiffusion
 from .pom import Calibration, NormalDensity
 from .space import build_space
@@ -36,6 +37,8 @@ class HDM(nn.Module):
         generator = torch.Generator().manual_seed(config.train.seed)
         self.register_buffer("noise", torch.randn(1, channels, grid, grid, generator=generator))
         self.calibration = Calibration()
+        # "bf16": the encoder, denoiser and head run under CUDA autocast (`device.place` sets it; not saved).
+        self.precision = "fp32"
 
     @property
     def image_size(self) -> int:
@@ -48,11 +51,14 @@ class HDM(nn.Module):
     def voices(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """DDM's head logits (refined) and POM's density prior on the same grid (None without a prior),
         before they are fused."""
-        features = self.space(images)
-        # The denoiser's and head's convolutions run faster channels-last, and the prior reads z's cells as rows.
-        features = features._replace(z=features.z.contiguous(memory_format=torch.channels_last))
-        logits = self.ddm.logits(features, self.denoiser, self.noise.expand_as(features.z))
-        return logits, None if self.density is None else self.density(features.z, logits.shape[-1])
+        with autocast(images.device, self.precision):
+            features = self.space(images)
+            # The denoiser's and head's convolutions run faster channels-last, and the prior reads z's cells as rows.
+            features = features._replace(z=features.z.contiguous(memory_format=torch.channels_last))
+            logits = self.ddm.logits(features, self.denoiser, self.noise.expand_as(features.z)).float()
+        # The prior's search stays in fp32 whatever the precision: in bf16, |q|^2 - 2 q.b + |b|^2 would
+        # lose which bank cell is nearest.
+        return logits, None if self.density is None else self.density(features.z.float(), logits.shape[-1])
 
     def finish(self, logits: torch.Tensor, prior: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """`voices` -> (B x 1 x S x S map in [0, 1], B scores)."""

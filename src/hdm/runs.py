@@ -62,13 +62,14 @@ def data_source(data: Path | None, category: str | None, normal_dir: Path | None
 
 
 def fit_run(config: HDMConfig, source: "DataSource", run: Path, overwrite: bool = False, log: Log | None = None,
-            progress: bool = True, device: str = "cpu") -> Run:
-    """Split off the calibration hold-out, then train on `device` (see `device.resolve_device`), calibrate
-    and save into the run folder (messages go to `log`, if given)."""
-    from .device import resolve_device
+            progress: bool = True, device: str = "cpu", precision: str = "fp32") -> Run:
+    """Split off the calibration hold-out, then train on `device` in `precision` (see `device.place`),
+    calibrate and save into the run folder (messages go to `log`, if given)."""
+    from .device import check_precision, resolve_device
     from .layouts import holdout_split
 
     device = resolve_device(device)
+    check_precision(precision, device)
     log = log or _silent
     if not overwrite:
         if (run / MODEL_FILE).exists():
@@ -82,17 +83,19 @@ def fit_run(config: HDMConfig, source: "DataSource", run: Path, overwrite: bool 
     train, holdout = holdout_split([s.path for s in samples], config.calibration.holdout, config.train.seed)
     log(f"fit: {len(train)} normal images from {source.describe()}, {len(holdout)} held out for calibration")
     extra = {"source": source.to_dict(), "train_images": len(train), "holdout": [str(p) for p in holdout]}
-    return _train_and_save(config, train, holdout, run, extra, None, log, progress, device)
+    return _train_and_save(config, train, holdout, run, extra, None, log, progress, device, precision)
 
 
-def resume_run(run: Path, log: Log | None = None, progress: bool = True, device: str = "cpu") -> Run:
+def resume_run(run: Path, log: Log | None = None, progress: bool = True, device: str = "cpu",
+               precision: str = "fp32") -> Run:
     """Continue a fit that was interrupted (even by SIGKILL) from its last training-state checkpoint, on
     any device."""
-    from .device import resolve_device
+    from .device import check_precision, resolve_device
     from .layouts import DataSource, holdout_split
     from .store import load_training_state, parse_config
 
     device = resolve_device(device)
+    check_precision(precision, device)
     log = log or _silent
     if (run / MODEL_FILE).exists() and not (run / STATE_FILE).exists():
         raise HDMInputError(f"{run}: this run already finished; nothing to resume")
@@ -108,11 +111,12 @@ def resume_run(run: Path, log: Log | None = None, progress: bool = True, device:
         raise HDMInputError(f"{source.describe()}: the training images changed since this run started; "
                             f"start again with --overwrite")
     log(f"fit: resuming {run} from step {state['step']} of {config.train.steps}")
-    return _train_and_save(config, train, holdout, run, extra, state, log, progress, device)
+    return _train_and_save(config, train, holdout, run, extra, state, log, progress, device, precision)
 
 
 def _train_and_save(config: HDMConfig, train: list[Path], holdout: list[Path], run: Path, extra: dict,
-                    resume_from: dict | None, log: Log, progress: bool, device: "torch.device") -> Run:
+                    resume_from: dict | None, log: Log, progress: bool, device: "torch.device",
+                    precision: str) -> Run:
     """Train (checkpointing a resumable state), calibrate on the hold-out, then write the model atomically."""
     from .inference import calibrate
     from .store import save_checkpoint, write_json
@@ -120,7 +124,7 @@ def _train_and_save(config: HDMConfig, train: list[Path], holdout: list[Path], r
 
     state_file = run / STATE_FILE
     model, history = fit(config, train, progress=progress, log=log, state_file=state_file, resume_from=resume_from,
-                         extra=extra, device=device)
+                         extra=extra, device=device, precision=precision)
     calibrate(model, holdout, config.calibration.target_fpr, progress=progress)
     calibration = model.calibration.summary()
     if len(holdout) < 10:
@@ -137,17 +141,17 @@ def _train_and_save(config: HDMConfig, train: list[Path], holdout: list[Path], r
 
 
 def test_run(run: Path, source: "DataSource | None" = None, progress: bool = True,
-             report: bool = True, device: str = "cpu") -> "Evaluation":
+             report: bool = True, device: str = "cpu", precision: str = "fp32") -> "Evaluation":
     """Evaluate the run on labelled test data (by default its own) at its calibrated thresholds, on
-    `device`; writes metrics.json and, with `report`, report.html into the run."""
-    from .device import resolve_device
+    `device` in `precision`; writes metrics.json and, with `report`, report.html into the run."""
+    from .device import place
     from .inference import evaluate
     from .layouts import DataSource
     from .report import write_report
     from .store import load_model, write_json
 
     model, extra = load_model(run / MODEL_FILE)
-    model.to(resolve_device(device))
+    place(model, device, precision)
     if source is None:
         if "source" not in extra:
             raise HDMInputError(f"{run}: the run does not say what it was trained on: give --data/--category")

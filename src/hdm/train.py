@@ -19,7 +19,7 @@ import torch
 from .config import HDMConfig
 from .dagm import DAGM, Provenance, SyntheticBatch, appearance_anomaly, foreign_textures, grid_mask, is_grayscale
 from .data import load_images_resized
-from .device import device_of
+from .device import autocast, check_precision, device_of
 from .model import HDM, to_model_input
 from .pom import adapt_tau, filter_samples, hybrid_loss, map_losses, masked_change, refinement_losses
 from .progress import bar
@@ -133,8 +133,10 @@ class TrainingParts:
 
 def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callable[[str], None] = print,
         state_file: Path | None = None, resume_from: dict | None = None,
-        extra: dict | None = None, device: torch.device = torch.device("cpu")) -> tuple[HDM, TrainingLog]:
-    """Train HDM on normal images only, on `device` (the returned model stays there).
+        extra: dict | None = None, device: torch.device = torch.device("cpu"),
+        precision: str = "fp32") -> tuple[HDM, TrainingLog]:
+    """Train HDM on normal images only, on `device` (the returned model stays there), its networks'
+    forward passes in `precision` (see `device.check_precision`).
 
     With `state_file`, the full training state (weights, EMA, optimiser, schedule, tau, every RNG
     and the log) is written there atomically every `train.checkpoint_every` steps, with `extra`
@@ -148,7 +150,9 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
     started = time.perf_counter()
 
     images = load_images_resized(paths, config.space.image_size)
+    check_precision(precision, device)
     model = HDM(config).to(device)
+    model.precision = precision
     space = model.space
     raw = encode(space, images, desc="encode normal", progress=progress)
     space.fit_statistics(raw)
@@ -187,36 +191,37 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
         if config.train.augment_flip and rng.random() < 0.5:
             z0, f0, az, af, am = (x.flip(-1) for x in (z0, f0, az, af, am))
 
-        # POM, generation side: the hybrid objective on normal samples only.
-        t = torch.randint(0, diffusion.num_timesteps, (batch_size,), generator=generator).to(device)
-        noise = torch.randn(z0.shape, generator=generator).to(device)
-        zt = diffusion.q_sample(z0, t, noise)
-        eps, v = denoiser(zt, t)
-        l_simple, l_vlb = hybrid_loss(diffusion, z0, zt, t, noise, eps, v, config.pom.lambda_vlb)
+        with autocast(device, precision):
+            # POM, generation side: the hybrid objective on normal samples only.
+            t = torch.randint(0, diffusion.num_timesteps, (batch_size,), generator=generator).to(device)
+            noise = torch.randn(z0.shape, generator=generator).to(device)
+            zt = diffusion.q_sample(z0, t, noise)
+            eps, v = denoiser(zt, t)
+            l_simple, l_vlb = hybrid_loss(diffusion, z0, zt, t, noise, eps, v, config.pom.lambda_vlb)
 
-        # DAGM, then POM's quality control of the synthetic samples.
-        batch = dagm.make_batch(z0, az, am, ema, step / steps, rng, generator)
-        synthetic = batch.label > 0
-        if config.pom.filtering and synthetic.any():
-            keep, small, large = filter_samples(masked_change(batch.z, z0, batch.z_mask()),
-                                                config.pom.change_low, config.pom.change_high)
-            drop = synthetic & ~keep
-            from_diffusion = batch.from_(Provenance.DIFFUSION)
-            batch.revert(drop, z0)
-            dagm.tau = adapt_tau(dagm.tau, int((small & from_diffusion).sum()), int((large & from_diffusion).sum()),
-                                 int(from_diffusion.sum()), config.pom)
-            history.rejected += int(drop.sum())
-        history.synthetic += int(synthetic.sum())
+            # DAGM, then POM's quality control of the synthetic samples.
+            batch = dagm.make_batch(z0, az, am, ema, step / steps, rng, generator)
+            synthetic = batch.label > 0
+            if config.pom.filtering and synthetic.any():
+                keep, small, large = filter_samples(masked_change(batch.z, z0, batch.z_mask()),
+                                                    config.pom.change_low, config.pom.change_high)
+                drop = synthetic & ~keep
+                from_diffusion = batch.from_(Provenance.DIFFUSION)
+                batch.revert(drop, z0)
+                dagm.tau = adapt_tau(dagm.tau, int((small & from_diffusion).sum()), int((large & from_diffusion).sum()),
+                                     int(from_diffusion.sum()), config.pom)
+                history.rejected += int(drop.sum())
+            history.synthetic += int(synthetic.sum())
 
-        # DDM on the mixed batch, with the EMA denoiser the model will use at inference.
-        with torch.no_grad():
-            z0_hat = ddm.denoise(batch.z, ema, model.noise.expand_as(batch.z))
-        logits = ddm.head(batch.z, z0_hat)
-        losses = map_losses(logits, batch.z_mask(), batch.label, config.pom, config.ddm.top_k)
-        if ddm.refinement is not None:
-            fine, weight = refinement_inputs(batch, f0, af, config.pom.refine_diffusion_weight)
-            losses.update(refinement_losses(*ddm.refinement.residual(logits, fine), batch.mask, weight, config.pom))
-        total = l_simple + l_vlb + sum(losses.values())
+            # DDM on the mixed batch, with the EMA denoiser the model will use at inference.
+            with torch.no_grad():
+                z0_hat = ddm.denoise(batch.z, ema, model.noise.expand_as(batch.z))
+            logits = ddm.head(batch.z, z0_hat)
+            losses = map_losses(logits, batch.z_mask(), batch.label, config.pom, config.ddm.top_k)
+            if ddm.refinement is not None:
+                fine, weight = refinement_inputs(batch, f0, af, config.pom.refine_diffusion_weight)
+                losses.update(refinement_losses(*ddm.refinement.residual(logits, fine), batch.mask, weight, config.pom))
+            total = l_simple + l_vlb + sum(losses.values())
 
         optimiser.zero_grad(set_to_none=True)
         total.backward()
