@@ -24,6 +24,7 @@ def trained(tmp_path_factory):
     assert result.exit_code == 0, result.output
     # Off a terminal (as here, or in CI's log) progress comes as whole lines, not carriage-return redraws.
     assert "\r" not in result.output and "train: 3/3 (100%)" in result.output
+    assert result.output.count("train: 0/3") == 1  # one line per redraw, none extra for the loss figures
     return data, run
 
 

@@ -236,8 +236,9 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
         row = {"simple": l_simple.item(), "vlb": l_vlb.item(), **{k: v.item() for k, v in losses.items()}}
         history.losses.append(row)
         history.tau.append(dagm.tau)
-        if step % 25 == 0:
-            steps_bar.set_postfix(simple=f"{row['simple']:.3f}", focal=f"{row['focal']:.4f}", tau=f"{dagm.tau:.2f}")
+        if step % 25 == 0:  # shown at the next redraw: refreshing now would add a line to a log file
+            steps_bar.set_postfix(simple=f"{row['simple']:.3f}", focal=f"{row['focal']:.4f}", tau=f"{dagm.tau:.2f}",
+                                  refresh=False)
         if state_file is not None and (step + 1) % config.train.checkpoint_every == 0 and step + 1 < steps:
             history.seconds = previous_seconds + time.perf_counter() - started
             save_training_state(state_file, {**parts.state(step + 1), "config": config.to_dict(),
