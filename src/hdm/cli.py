@@ -19,10 +19,13 @@ def _log(message: str) -> None:
 
 
 def _device(func):
+    """--device and --precision: where a command computes and in what precision."""
     func = click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
                         help="bf16: the networks run under CUDA autocast (CUDA only).")(func)
     return click.option("--device", default="auto", show_default=True,
                         help="auto (CUDA when present), cpu, cuda, cuda:N or mps.")(func)
+
+
 _quiet = click.option("--quiet", "-q", is_flag=True,
                       help="No progress bars or progress lines; results and errors still print.")
 

@@ -63,9 +63,15 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def place(model: torch.nn.Module, device: str | torch.device = "auto", precision: str = "fp32") -> torch.nn.Module:
-    """Move a model to `device` (see `resolve_device`) and set the precision its networks run in."""
+def checked_device(device: str | torch.device, precision: str) -> torch.device:
+    """`resolve_device`, then `check_precision` on it: a placement refused in one line before any work."""
     resolved = resolve_device(device)
     check_precision(precision, resolved)
+    return resolved
+
+
+def place(model: torch.nn.Module, device: str | torch.device = "auto", precision: str = "fp32") -> torch.nn.Module:
+    """Move a model to `device` (see `resolve_device`) and set the precision its networks run in."""
+    resolved = checked_device(device, precision)
     model.precision = precision
     return model.to(resolved)

@@ -65,11 +65,10 @@ def fit_run(config: HDMConfig, source: "DataSource", run: Path, overwrite: bool 
             progress: bool = True, device: str = "cpu", precision: str = "fp32") -> Run:
     """Split off the calibration hold-out, then train on `device` in `precision` (see `device.place`),
     calibrate and save into the run folder (messages go to `log`, if given)."""
-    from .device import check_precision, resolve_device
+    from .device import checked_device
     from .layouts import holdout_split
 
-    device = resolve_device(device)
-    check_precision(precision, device)
+    device = checked_device(device, precision)
     log = log or _silent
     if not overwrite:
         if (run / MODEL_FILE).exists():
@@ -90,12 +89,11 @@ def resume_run(run: Path, log: Log | None = None, progress: bool = True, device:
                precision: str = "fp32") -> Run:
     """Continue a fit that was interrupted (even by SIGKILL) from its last training-state checkpoint, on
     any device."""
-    from .device import check_precision, resolve_device
+    from .device import checked_device
     from .layouts import DataSource, holdout_split
     from .store import load_training_state, parse_config
 
-    device = resolve_device(device)
-    check_precision(precision, device)
+    device = checked_device(device, precision)
     log = log or _silent
     if (run / MODEL_FILE).exists() and not (run / STATE_FILE).exists():
         raise HDMInputError(f"{run}: this run already finished; nothing to resume")

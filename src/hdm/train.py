@@ -19,7 +19,7 @@ import torch
 from .config import HDMConfig
 from .dagm import DAGM, Provenance, SyntheticBatch, appearance_anomaly, foreign_textures, grid_mask, is_grayscale
 from .data import load_images_resized
-from .device import autocast, check_precision, device_of
+from .device import autocast, device_of, place
 from .model import HDM, to_model_input
 from .pom import adapt_tau, filter_samples, hybrid_loss, map_losses, masked_change, refinement_losses
 from .progress import bar
@@ -136,7 +136,7 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
         extra: dict | None = None, device: torch.device = torch.device("cpu"),
         precision: str = "fp32") -> tuple[HDM, TrainingLog]:
     """Train HDM on normal images only, on `device` (the returned model stays there), its networks'
-    forward passes in `precision` (see `device.check_precision`).
+    forward passes in `precision` (see `device.place`).
 
     With `state_file`, the full training state (weights, EMA, optimiser, schedule, tau, every RNG
     and the log) is written there atomically every `train.checkpoint_every` steps, with `extra`
@@ -150,9 +150,8 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
     started = time.perf_counter()
 
     images = load_images_resized(paths, config.space.image_size)
-    check_precision(precision, device)
-    model = HDM(config).to(device)
-    model.precision = precision
+    model = place(HDM(config), device, precision)
+    device = device_of(model)
     space = model.space
     raw = encode(space, images, desc="encode normal", progress=progress)
     space.fit_statistics(raw)
