@@ -5,6 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
+from hdm.space import SPACES, Encoded, Space
+
 SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
 torch.set_num_threads(2)
@@ -50,3 +52,20 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+class IdentitySpace(Space):
+    """z = the image's pixels (normalised per channel), no guide, no lift, nothing frozen: the trivial
+    space that shows the model, DAGM, DDM and training rely on `Space` alone."""
+
+    def __init__(self, config):
+        super().__init__(config, channels=3, grid=config.image_size)
+
+    def raw(self, images: torch.Tensor) -> Encoded:
+        return Encoded(images)
+
+
+@pytest.fixture
+def identity_space(monkeypatch):
+    """`space.kind = "identity"` selects `IdentitySpace` for this test."""
+    monkeypatch.setitem(SPACES, "identity", IdentitySpace)

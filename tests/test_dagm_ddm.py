@@ -8,7 +8,7 @@ from hdm.dagm import DAGM, Provenance, appearance_anomaly, foreign_textures, gri
 from hdm.ddm import DDM, Refinement, blur_matrix, gaussian_kernel, smooth
 from hdm.denoiser import Denoiser
 from hdm.diffusion import GaussianDiffusion
-from hdm.space import Features
+from hdm.space import Encoded
 
 C, G, M = 6, 8, 16  # z channels, z grid, mask (stride-4) grid
 
@@ -130,15 +130,15 @@ def test_every_denoising_mode_recovers_z0_with_an_oracle(diffusion, mode):
 @pytest.mark.parametrize("refine,grid", [(True, M), (False, G)])
 def test_head_and_postprocessing_shapes(diffusion, refine, grid):
     ddm = DDM(DDMConfig(refine=refine), diffusion, C, 4, 64).eval()
-    features = Features(torch.randn(3, C, G, G), torch.randn(3, 4, M, M))
-    logits = ddm.logits(features, Denoiser(C, 16, 1), torch.randn_like(features.z))
+    encoded = Encoded(torch.randn(3, C, G, G), torch.randn(3, 4, M, M))
+    logits = ddm.logits(encoded, Denoiser(C, 16, 1), torch.randn_like(encoded.z))
     assert logits.shape == (3, 1, grid, grid)
     maps, scores = ddm.postprocess(torch.sigmoid(torch.nn.functional.interpolate(logits, size=64)))
     assert maps.shape == (3, 1, 64, 64) and scores.shape == (3,)
 
 
-def test_refinement_starts_from_the_upsampled_head_logits_and_redraws_edges_from_stride_4_features():
-    refinement = Refinement(fine_channels=4, width=8)
+def test_refinement_starts_from_the_upsampled_head_logits_and_redraws_edges_from_the_guide():
+    refinement = Refinement(guide_channels=4, width=8)
     torch.nn.init.zeros_(refinement.net[-1].weight)
     torch.nn.init.zeros_(refinement.net[-1].bias)
     coarse = torch.randn(2, 1, G, G)

@@ -5,25 +5,25 @@ from hdm.config import SpaceConfig
 from hdm.space import FeatureSpace, upsample
 
 
-@pytest.mark.parametrize("backbone,channels,fine_channels",
+@pytest.mark.parametrize("backbone,channels,guide_channels",
                          [("lite0", 40 + 112, 24), ("lite1", 40 + 112, 24), ("lite2", 48 + 120, 24)])
-def test_each_backbone_gives_z_on_the_stride_8_grid_and_features_on_the_stride_4_grid(backbone, channels, fine_channels):
+def test_each_backbone_gives_z_on_the_stride_8_grid_and_its_guide_on_the_stride_4_grid(backbone, channels, guide_channels):
     space = FeatureSpace(SpaceConfig(backbone=backbone, image_size=64))
-    assert (space.channels, space.fine_channels) == (channels, fine_channels)
+    assert (space.channels, space.guide_channels, space.map_grid) == (channels, guide_channels, 16)
     with torch.no_grad():
         x = space.encoder._swish(space.encoder._conv_stem(torch.rand(1, 3, 64, 64)))
         sizes = [(x := block(x)).shape[-1] for block in space.encoder._blocks]
-        raw = space.raw_features(torch.rand(2, 3, 64, 64))
+        raw = space.raw(torch.rand(2, 3, 64, 64))
     # the taps are the last blocks before each downsampling
     assert [sizes[tap] for tap in space.taps] == [16, 8, 4] and all(sizes[tap + 1] < sizes[tap] for tap in space.taps[:2])
-    assert raw.z.shape == (2, channels, 8, 8) and raw.fine.shape == (2, fine_channels, 16, 16)
+    assert raw.z.shape == (2, channels, 8, 8) and raw.guide.shape == (2, guide_channels, 16, 16)
     assert not any(p.requires_grad for p in space.encoder.parameters())
 
 
 def test_normalisation_uses_training_statistics():
     space = FeatureSpace(SpaceConfig(image_size=64))
     with torch.no_grad():
-        raw = space.raw_features(torch.rand(4, 3, 64, 64))
+        raw = space.raw(torch.rand(4, 3, 64, 64))
         space.fit_statistics(raw)
         features = space.normalise(raw)
     for part in features:
@@ -50,10 +50,10 @@ def test_features_match_the_unfolded_pretrained_network():
         for index, block in enumerate(reference._blocks[:11]):
             x = block(x)
             taps[index] = x
-        ours = space.raw_features(images)
+        ours = space.raw(images)
     assert torch.allclose(ours.z[:, :40], taps[4], atol=1e-4)
     assert torch.allclose(ours.z[:, 40:], upsample(taps[10], 8), atol=1e-4)
-    assert torch.allclose(ours.fine, taps[2], atol=1e-4)
+    assert torch.allclose(ours.guide, taps[2], atol=1e-4)
 
 
 def test_the_lift_makes_the_stride_16_part_of_z():
@@ -63,6 +63,6 @@ def test_the_lift_makes_the_stride_16_part_of_z():
         x = space.encoder._swish(space.encoder._conv_stem((images - space.pixel_mean) / space.pixel_std))
         for block in space.encoder._blocks:
             x = block(x)
-        z = space.raw_features(images).z
+        z = space.raw(images).z
     assert space.lift.shape == (8, 4) and z.shape[1] - space.lifted_channels == 40
     assert torch.allclose(z[:, 40:], space.lift @ x @ space.lift.T, atol=1e-4)

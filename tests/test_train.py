@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from hdm.config import HDMConfig
@@ -7,9 +8,10 @@ from hdm.dagm import Provenance, SyntheticBatch
 from hdm.train import fit, refinement_inputs
 
 
-def tiny_config(seed: int) -> HDMConfig:
+def tiny_config(seed: int, kind: str = "feature") -> HDMConfig:
     config = HDMConfig()
-    config.space.image_size = 64
+    config.space.kind = kind
+    config.space.image_size = 64 if kind == "feature" else 32
     config.train.steps = 4
     config.train.batch_size = 4
     config.train.seed = seed
@@ -17,20 +19,31 @@ def tiny_config(seed: int) -> HDMConfig:
     return config
 
 
-def test_same_seed_same_model_other_seed_other_model(tmp_path):
+@pytest.fixture(params=["feature", "identity"])
+def kind(request) -> str:
+    """Each training test in the feature space and in the test-only identity space."""
+    if request.param == "identity":
+        request.getfixturevalue("identity_space")
+    return request.param
+
+
+def test_same_seed_same_model_other_seed_other_model(tmp_path, kind):
     data = make_default_dataset(tmp_path, n_train=4, n_test_good=0, n_per_defect=0, size=64)
     paths = list_images(data / CATEGORY / "train" / "good")
-    runs = [fit(tiny_config(seed), paths, progress=False, log=lambda m: None)[0].trained_state() for seed in (1, 1, 2)]
+    runs = [fit(tiny_config(seed, kind), paths, progress=False, log=lambda m: None)[0].trained_state()
+            for seed in (1, 1, 2)]
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     assert not all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
 
 
-def test_training_logs_losses_and_tau(tmp_path):
+def test_training_logs_losses_and_tau(tmp_path, kind):
     data = make_default_dataset(tmp_path, n_train=4, n_test_good=0, n_per_defect=0, size=64)
-    _, history = fit(tiny_config(0), list_images(data / CATEGORY / "train" / "good"), progress=False, log=lambda m: None)
+    _, history = fit(tiny_config(0, kind), list_images(data / CATEGORY / "train" / "good"), progress=False, log=lambda m: None)
     summary = history.summary()
     assert len(history.losses) == 4 and len(history.tau) == 4
     assert {"loss_simple", "loss_vlb", "loss_focal", "loss_l1", "loss_image", "tau"} <= set(summary)
+    # the refinement trains where the space has a guide to draw edges from
+    assert ("loss_refine_focal" in summary) == (kind == "feature")
     assert all(v == v for v in summary.values())  # no NaN
 
 

@@ -12,14 +12,14 @@ from torch import nn
 
 from .ddm import blur_matrix, smooth
 from .pom import NormalDensity, top_k_mean
-from .space import FeatureSpace
+from .space import Space
 from .train import encode
 
 
 class NearestNeighbourAnchor(nn.Module):
     """Same call contract as `HDM`: images in [0, 1] -> (maps, image scores)."""
 
-    def __init__(self, space: FeatureSpace, smooth_sigma: float = 4.0, top_k: float = 0.01,
+    def __init__(self, space: Space, smooth_sigma: float = 4.0, top_k: float = 0.01,
                  bank_size: int = 20000, seed: int = 0):
         super().__init__()
         self.space = space

@@ -163,9 +163,14 @@ class HDMConfig:
 
     def validate(self) -> None:
         """Stop before any work on values that cannot run."""
+        from .space import SPACES  # the space module reads this one's dataclasses
+
+        feature = self.space.kind == "feature"
         checks = [
-            (self.space.backbone in ("lite0", "lite1", "lite2"), "space.backbone must be lite0, lite1 or lite2"),
-            (self.space.image_size >= 64 and self.space.image_size % 32 == 0,
+            (self.space.kind in SPACES, f"space.kind must be {' or '.join(SPACES)}"),
+            (not feature or self.space.backbone in ("lite0", "lite1", "lite2"),
+             "space.backbone must be lite0, lite1 or lite2"),
+            (not feature or (self.space.image_size >= 64 and self.space.image_size % 32 == 0),
              "space.image_size must be a multiple of 32, at least 64"),
             (self.ddm.mode in ("one_step", "norm_guided", "k_step"),
              "ddm.mode must be one_step, norm_guided or k_step"),

@@ -110,11 +110,11 @@ def grid_mask(mask: np.ndarray | torch.Tensor, grid: int) -> torch.Tensor:
 
 
 class Provenance(IntEnum):
-    """Where a sample's content came from; it decides which stride-4 features the refinement sees."""
+    """Where a sample's content came from; it decides which guide the refinement sees."""
 
     NORMAL = 0
-    DIFFUSION = 1  # made in z: the image, and so its stride-4 features, stay normal
-    APPEARANCE = 2  # made in pixels and encoded: its own stride-4 features
+    DIFFUSION = 1  # made in z: the image, and so its guide, stay normal
+    APPEARANCE = 2  # made in pixels and encoded: its own guide
 
 
 @dataclass
@@ -142,7 +142,8 @@ class DAGM:
     """Builds mixed normal/anomalous batches in z space."""
 
     def __init__(self, config: DAGMConfig, diffusion: GaussianDiffusion, grid: int, mask_grid: int):
-        """`grid`: side of z; `mask_grid`: side of the map the masks are targets for (a multiple of it)."""
+        """`grid`: side of z; `mask_grid`: side of the map the masks are targets for (the space's
+        `map_grid`, a multiple of it)."""
         self.config = config
         self.grid = grid
         self.mask_grid = mask_grid
@@ -161,14 +162,14 @@ class DAGM:
     def diffusion_content(self, z0: torch.Tensor, denoiser: Denoiser, generator: torch.Generator) -> torch.Tensor:
         """Noise z_0 to t_a, then reverse with variance (1 + tau) Sigma_theta down to z_0'."""
         process, device = self.reverse, z0.device
-        last = process.num_timesteps - 1
-        t = torch.full((z0.shape[0],), last, dtype=torch.long, device=device)
+        t = torch.full((z0.shape[0],), process.num_timesteps - 1, dtype=torch.long, device=device)
         z = process.q_sample(z0, t, torch.randn(z0.shape, generator=generator).to(device))
-        for index in range(last, -1, -1):
-            t = torch.full((z0.shape[0],), index, dtype=torch.long, device=device)
+
+        def step(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             eps, v = denoiser(z, process.timestep_map[t])
-            z = process.p_sample(eps, v, z, t, torch.randn(z0.shape, generator=generator).to(device), tau=self.tau)
-        return z
+            return process.p_sample(eps, v, z, t, torch.randn(z0.shape, generator=generator).to(device), tau=self.tau)
+
+        return process.reverse(z, step)
 
     def perlin_grid_masks(self, count: int, rng: np.random.Generator) -> torch.Tensor:
         # Drawn at 4x the z grid so the soft cell coverage has some resolution.

@@ -2,7 +2,8 @@
 
 Reverse-diffuse the input z to its normal version z^_0 (one step, norm-guided, or k DDIM steps),
 then a discriminative head on [z, z^_0, (z - z^_0)^2] gives anomaly logits on the z grid, which a
-refinement sharpens on the stride-4 grid with the encoder's stride-4 features. The map is brought
+refinement sharpens on the guide's finer grid where the space has a guide (the feature space's
+stride-4 stage). The map is brought
 to pixels and smoothed; the image score is the top-k mean of the map.
 """
 
@@ -18,7 +19,7 @@ from .config import DDMConfig
 from .denoiser import Denoiser
 from .diffusion import GaussianDiffusion, strided_timesteps
 from .pom import top_k_mean
-from .space import Features
+from .space import Encoded
 
 
 class DiscriminativeHead(nn.Module):
@@ -43,29 +44,29 @@ class DiscriminativeHead(nn.Module):
 
 
 class Refinement(nn.Module):
-    """Stride-8 logits + stride-4 features -> stride-4 logits, as a residual on the upsampled logits.
+    """z-grid logits + the space's guide -> logits on the guide's grid, as a residual on the upsampled logits.
 
     The head decides *whether* a region is anomalous; this only redraws *where* its edges lie, from
-    features with twice the resolution of z.
+    features with a finer resolution than z (twice, in the feature space).
     """
 
-    def __init__(self, fine_channels: int, width: int = 32):
+    def __init__(self, guide_channels: int, width: int = 32):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(fine_channels + 1, width, 3, padding=1),
+            nn.Conv2d(guide_channels + 1, width, 3, padding=1),
             nn.SiLU(),
             nn.Conv2d(width, width, 3, padding=1),
             nn.SiLU(),
             nn.Conv2d(width, 1, 1),
         )
 
-    def residual(self, logits: torch.Tensor, fine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(head logits upsampled to the stride-4 grid, the learned correction); the refined logits are their sum."""
-        up = F.interpolate(logits, size=fine.shape[-2:], mode="bilinear", align_corners=False)
-        return up, self.net(torch.cat([up, fine], dim=1))
+    def residual(self, logits: torch.Tensor, guide: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(head logits upsampled to the guide's grid, the learned correction); the refined logits are their sum."""
+        up = F.interpolate(logits, size=guide.shape[-2:], mode="bilinear", align_corners=False)
+        return up, self.net(torch.cat([up, guide], dim=1))
 
-    def forward(self, logits: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
-        up, residual = self.residual(logits, fine)
+    def forward(self, logits: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
+        up, residual = self.residual(logits, guide)
         return up + residual
 
 
@@ -101,13 +102,14 @@ def smooth(maps: torch.Tensor, blur: torch.Tensor) -> torch.Tensor:
 class DDM(nn.Module):
     """Denoising of z to its normal version, the discriminative head and its refinement."""
 
-    def __init__(self, config: DDMConfig, diffusion: GaussianDiffusion, channels: int, fine_channels: int,
+    def __init__(self, config: DDMConfig, diffusion: GaussianDiffusion, channels: int, guide_channels: int,
                  image_size: int):
         super().__init__()
         self.config = config
         self.diffusion = diffusion
         self.head = DiscriminativeHead(channels, config.head_width)
-        self.refinement = Refinement(fine_channels, config.refine_width) if config.refine else None
+        self.refinement = (Refinement(guide_channels, config.refine_width) if config.refine and guide_channels
+                           else None)
         self.k_process = diffusion.respaced(strided_timesteps(config.t_s, config.k_steps))
         self.register_buffer("blur", blur_matrix(config.smooth_sigma, image_size), persistent=False)
 
@@ -134,18 +136,14 @@ class DDM(nn.Module):
             guided_eps = 0.5 * (eps + self.diffusion.predict_eps(zt, t, deep))
             return self.diffusion.predict_z0(zt, t, guided_eps)
         process = self.k_process
-        last = process.num_timesteps - 1
-        zt = process.q_sample(z, self._t(last, z), noise)
-        for index in range(last, 0, -1):
-            t = self._t(index, z)
-            zt = process.ddim_step(denoiser.eps(zt, process.timestep_map[t]), zt, t)
-        t = self._t(0, z)
-        return process.predict_z0(zt, t, denoiser.eps(zt, process.timestep_map[t]))
+        zt = process.q_sample(z, self._t(process.num_timesteps - 1, z), noise)
+        # The DDIM step from t = 0 lands on the z_0 estimate itself.
+        return process.reverse(zt, lambda zt, t: process.ddim_step(denoiser.eps(zt, process.timestep_map[t]), zt, t))
 
-    def logits(self, features: Features, denoiser: Denoiser, noise: torch.Tensor) -> torch.Tensor:
-        """Anomaly logits on the stride-4 grid (the z grid without refinement)."""
-        logits = self.head(features.z, self.denoise(features.z, denoiser, noise))
-        return logits if self.refinement is None else self.refinement(logits, features.fine)
+    def logits(self, encoded: Encoded, denoiser: Denoiser, noise: torch.Tensor) -> torch.Tensor:
+        """Anomaly logits on the map's grid: the guide's with a refinement, else z's."""
+        logits = self.head(encoded.z, self.denoise(encoded.z, denoiser, noise))
+        return logits if self.refinement is None else self.refinement(logits, encoded.guide)
 
     def postprocess(self, pixel_prob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Probability map at model size -> (smoothed map, image score per sample)."""

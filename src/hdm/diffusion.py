@@ -8,6 +8,7 @@ posterior variance beta~_t (v = -1) and beta_t (v = +1). DAGM inflates it by (1 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -122,6 +123,13 @@ class GaussianDiffusion(nn.Module):
         mean, logvar, _ = self.p_mean_variance(eps, v, zt, t)
         nonzero = (t != 0).float().view(-1, *([1] * (zt.dim() - 1)))
         return mean + nonzero * math.sqrt(1.0 + tau) * torch.exp(0.5 * logvar) * noise
+
+    def reverse(self, zt: torch.Tensor, step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The reverse process's one loop: from this schedule's last timestep down to 0, `step(z_t, t)`
+        gives z_{t-1} (DAGM's sampling with inflated variance, DDM's k-step DDIM denoising)."""
+        for index in range(self.num_timesteps - 1, -1, -1):
+            zt = step(zt, torch.full((zt.shape[0],), index, dtype=torch.long, device=zt.device))
+        return zt
 
     def ddim_step(self, eps: torch.Tensor, zt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Deterministic DDIM step from t to t-1 of this (possibly respaced) schedule."""

@@ -7,7 +7,6 @@ from torch import nn
 
 from .config import HDMConfig
 from .ddm import DDM
-from .denoiser import Denoiser
 from .device import autocast
 from .diffusion import GaussianDiffusion
 from .pom import Calibration, NormalDensity
@@ -15,7 +14,7 @@ from .space import build_space
 
 
 class HDM(nn.Module):
-    """Feature space + denoiser (EMA weights) + DDM head and refinement + POM's density prior.
+    """Space + its denoiser (EMA weights) + DDM head and refinement + POM's density prior.
 
     Inference uses one fixed draw of forward-process noise, stored with the weights, so a given
     image always gets the same map, in torch and in any exported graph.
@@ -29,8 +28,8 @@ class HDM(nn.Module):
         channels, grid = self.space.channels, self.space.grid
         d = config.diffusion
         self.diffusion = GaussianDiffusion.linear(d.timesteps, d.beta_start, d.beta_end)
-        self.denoiser = Denoiser(channels, d.width, d.depth)
-        self.ddm = DDM(config.ddm, self.diffusion, channels, self.space.fine_channels, config.space.image_size)
+        self.denoiser = self.space.denoiser(d)
+        self.ddm = DDM(config.ddm, self.diffusion, channels, self.space.guide_channels, config.space.image_size)
         self.density = (NormalDensity(channels, config.pom.density_bank, config.pom.density_pool,
                                       lift=self.space.lift, lifted=self.space.lifted_channels)
                         if config.pom.density_bank else None)
@@ -52,13 +51,13 @@ class HDM(nn.Module):
         """DDM's head logits (refined) and POM's density prior on the same grid (None without a prior),
         before they are fused."""
         with autocast(images.device, self.precision):
-            features = self.space(images)
+            encoded = self.space(images)
             # The denoiser's and head's convolutions run faster channels-last, and the prior reads z's cells as rows.
-            features = features._replace(z=features.z.contiguous(memory_format=torch.channels_last))
-            logits = self.ddm.logits(features, self.denoiser, self.noise.expand_as(features.z)).float()
+            encoded = encoded._replace(z=encoded.z.contiguous(memory_format=torch.channels_last))
+            logits = self.ddm.logits(encoded, self.denoiser, self.noise.expand_as(encoded.z)).float()
         # The prior's search stays in fp32 whatever the precision: in bf16, |q|^2 - 2 q.b + |b|^2 would
         # lose which bank cell is nearest.
-        return logits, None if self.density is None else self.density(features.z.float(), logits.shape[-1])
+        return logits, None if self.density is None else self.density(encoded.z.float(), logits.shape[-1])
 
     def finish(self, logits: torch.Tensor, prior: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """`voices` -> (B x 1 x S x S map in [0, 1], B scores)."""
@@ -78,13 +77,18 @@ class HDM(nn.Module):
         maps, scores = self(images)
         return maps, scores, self.calibration.probability(scores), self.calibration.decision(scores)
 
+    def _frozen(self, key: str) -> bool:
+        return any(key.startswith(f"space.{name}.") for name in self.space.frozen)
+
     def trained_state(self) -> dict[str, torch.Tensor]:
-        """Everything learned or fitted; the frozen encoder is rebuilt from its package instead."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("space.encoder.")}
+        """Everything learned or fitted; the space's frozen parts are rebuilt from their package instead."""
+        return {k: v for k, v in self.state_dict().items() if not self._frozen(k)}
 
     def load_trained_state(self, state: dict[str, torch.Tensor]) -> None:
+        # Runs made before the space seam named the guide's statistics after the stride-4 stage.
+        state = {k.replace("space.fine_", "space.guide_", 1): v for k, v in state.items()}
         missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("space.encoder.")]
+        missing = [k for k in missing if not self._frozen(k)]
         if missing or unexpected:
             raise ValueError(f"checkpoint does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 

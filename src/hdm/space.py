@@ -1,7 +1,7 @@
-"""The space the diffusion runs in: encode image -> z, and bring a map back to pixels.
+"""The space the diffusion runs in: encode image -> z (plus an optional guide), and bring a map back to pixels.
 
-The feature space is a frozen, ImageNet-pretrained EfficientNet-Lite cut after its stride-16
-stage. Two stages are concatenated on the stride-8 grid and normalised per channel with
+`Space` is all the model, DAGM, DDM and training know of it. The feature space is a frozen,
+ImageNet-pretrained EfficientNet-Lite cut after its stride-16 stage. Two stages are concatenated on the stride-8 grid and normalised per channel with
 training statistics, so the diffusion sees unit-variance z whatever the backbone. The stride-4
 stage, computed on the way, is kept too (normalised the same way): DDM's refinement draws the
 map's finer detail from it.
@@ -10,6 +10,7 @@ map's finer detail from it.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .config import SpaceConfig
+from .config import DiffusionConfig, SpaceConfig
+from .denoiser import Denoiser
 
 # (weights package, class, last block of the stride-4, stride-8 and stride-16 stages)
 _BACKBONES = {
@@ -120,43 +122,106 @@ def lift_matrix(coarse: int, size: int, local_pool: int) -> torch.Tensor:
     return local_average(upsample(basis, size), local_pool)[:, 0, :, 0].T.contiguous()
 
 
-class Features(NamedTuple):
-    z: torch.Tensor  # B x C x S/8 x S/8: the space the diffusion runs in
-    fine: torch.Tensor  # B x C_fine x S/4 x S/4: the encoder's stride-4 stage
+class Encoded(NamedTuple):
+    """An image batch in a space."""
+
+    z: torch.Tensor  # B x C x g x g: the variable the diffusion runs on
+    guide: torch.Tensor | None = None  # B x C_guide x m x m: finer detail that redraws the map's edges
+
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Encoded":
+        """`fn` on z and on the guide, if there is one."""
+        return Encoded(fn(self.z), None if self.guide is None else fn(self.guide))
+
+    @staticmethod
+    def cat(parts: list["Encoded"]) -> "Encoded":
+        guides = [part.guide for part in parts]
+        return Encoded(torch.cat([part.z for part in parts]), None if guides[0] is None else torch.cat(guides))
 
 
-class FeatureSpace(nn.Module):
-    """Frozen CNN features on the stride-8 grid (z) and the stride-4 grid, normalised with training statistics."""
+class Space(nn.Module):
+    """What HDM needs of the space the diffusion runs in; the model, DAGM, DDM and training know no more.
 
-    stride = 8
-    fine_stride = 4
+    A subclass implements `raw` (images -> un-normalised `Encoded`) and may override `denoiser` with a
+    network that fits its z. The space normalises z and the guide per channel with training statistics,
+    so the diffusion sees unit-variance z whatever the encoding. Maps come back to pixels by `to_pixels`.
 
-    def __init__(self, config: SpaceConfig):
+    channels, grid: z's channels and side. guide_channels: 0 without a guide (then DDM has no
+    refinement). map_grid: the side of the anomaly map's grid, on which DAGM draws its masks: the
+    guide's grid, or z's without one. lift, lifted_channels: z's last channels are the lift of a
+    coarser map (see `pom.NormalDensity`), or None and 0. frozen: submodules rebuilt from their
+    package when a run is loaded, so not saved with it.
+    """
+
+    frozen: tuple[str, ...] = ()
+
+    def __init__(self, config: SpaceConfig, channels: int, grid: int, guide_channels: int = 0,
+                 guide_grid: int | None = None):
         super().__init__()
         self.config = config
-        self.encoder, self.taps = load_backbone(config.backbone, config.image_size)
-        width = [self.encoder._blocks[tap]._block_args.output_filters for tap in self.taps]
-        self.fine_channels, self.channels = width[0], width[1] + width[2]
-        self.grid = config.image_size // self.stride
-        self.fine_grid = config.image_size // self.fine_stride
+        self.channels, self.grid = channels, grid
+        self.guide_channels = guide_channels
+        self.map_grid = guide_grid if guide_channels else grid
+        self.lifted_channels = 0
+        self.register_buffer("lift", None, persistent=False)
+        self.register_buffer("z_mean", torch.zeros(1, channels, 1, 1))
+        self.register_buffer("z_std", torch.ones(1, channels, 1, 1))
+        if guide_channels:
+            self.register_buffer("guide_mean", torch.zeros(1, guide_channels, 1, 1))
+            self.register_buffer("guide_std", torch.ones(1, guide_channels, 1, 1))
+
+    def raw(self, images: torch.Tensor) -> Encoded:
+        """images: B x 3 x S x S in [0, 1] -> un-normalised z and guide."""
+        raise NotImplementedError
+
+    def denoiser(self, config: DiffusionConfig) -> nn.Module:
+        """The network eps_theta, v_theta on z: called as (z_t, t) -> (eps, v), and `.eps(z_t, t)` for the noise alone."""
+        return Denoiser(self.channels, config.width, config.depth)
+
+    def normalise(self, raw: Encoded) -> Encoded:
+        guide = None if raw.guide is None else (raw.guide - self.guide_mean) / self.guide_std
+        return Encoded((raw.z - self.z_mean) / self.z_std, guide)
+
+    def forward(self, images: torch.Tensor) -> Encoded:
+        return self.normalise(self.raw(images))
+
+    @torch.no_grad()
+    def fit_statistics(self, raw: Encoded) -> None:
+        for name, values in zip(("z", "guide"), raw):
+            if values is not None:
+                getattr(self, f"{name}_mean").copy_(values.mean(dim=(0, 2, 3), keepdim=True))
+                getattr(self, f"{name}_std").copy_(values.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-4))
+
+    def to_pixels(self, grid_map: torch.Tensor) -> torch.Tensor:
+        """B x 1 x g x g map (any grid) -> B x 1 x S x S at model size."""
+        return upsample(grid_map, self.config.image_size)
+
+
+class FeatureSpace(Space):
+    """Frozen CNN features: z on the stride-8 grid, the stride-4 stage as the guide."""
+
+    stride = 8
+    guide_stride = 4
+    frozen = ("encoder",)
+
+    def __init__(self, config: SpaceConfig):
+        encoder, taps = load_backbone(config.backbone, config.image_size)
+        width = [encoder._blocks[tap]._block_args.output_filters for tap in taps]
+        super().__init__(config, width[1] + width[2], config.image_size // self.stride, width[0],
+                         config.image_size // self.guide_stride)
+        self.encoder, self.taps = encoder, taps
         # z's last `lifted_channels` are the stride-16 stage brought to z's grid by `lift`; POM's density
         # prior searches them on the stride-16 grid instead, a quarter of the work.
         self.lifted_channels = width[2]
-        self.register_buffer("lift", lift_matrix(self.grid // 2, self.grid, config.local_pool), persistent=False)
+        self.lift = lift_matrix(self.grid // 2, self.grid, config.local_pool)
         self.register_buffer("pixel_mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1))
-        self.register_buffer("z_mean", torch.zeros(1, self.channels, 1, 1))
-        self.register_buffer("z_std", torch.ones(1, self.channels, 1, 1))
-        self.register_buffer("fine_mean", torch.zeros(1, self.fine_channels, 1, 1))
-        self.register_buffer("fine_std", torch.ones(1, self.fine_channels, 1, 1))
 
     def train(self, mode: bool = True) -> "FeatureSpace":
         super().train(mode)
         self.encoder.eval()  # frozen: no block may switch to training-only behaviour (drop-connect)
         return self
 
-    def raw_features(self, images: torch.Tensor) -> Features:
-        """images: B x 3 x S x S in [0, 1] -> un-normalised features."""
+    def raw(self, images: torch.Tensor) -> Encoded:
         x = ((images - self.pixel_mean) / self.pixel_std).contiguous(memory_format=torch.channels_last)
         net = self.encoder
         x = net._swish(net._conv_stem(x))
@@ -167,26 +232,14 @@ class FeatureSpace(nn.Module):
                 taps.append(x)
         stride4, stride8, stride16 = taps
         z = local_average(torch.cat([stride8, upsample(stride16, self.grid)], dim=1), self.config.local_pool)
-        return Features(z.contiguous(), stride4.contiguous())
-
-    def normalise(self, raw: Features) -> Features:
-        return Features((raw.z - self.z_mean) / self.z_std, (raw.fine - self.fine_mean) / self.fine_std)
-
-    def forward(self, images: torch.Tensor) -> Features:
-        return self.normalise(self.raw_features(images))
-
-    @torch.no_grad()
-    def fit_statistics(self, raw: Features) -> None:
-        for name, values in zip(("z", "fine"), raw):
-            getattr(self, f"{name}_mean").copy_(values.mean(dim=(0, 2, 3), keepdim=True))
-            getattr(self, f"{name}_std").copy_(values.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-4))
-
-    def to_pixels(self, grid_map: torch.Tensor) -> torch.Tensor:
-        """B x 1 x g x g map (any grid) -> B x 1 x S x S at model size."""
-        return upsample(grid_map, self.config.image_size)
+        return Encoded(z.contiguous(), stride4.contiguous())
 
 
-def build_space(config: SpaceConfig) -> FeatureSpace:
-    if config.kind != "feature":
-        raise ValueError(f"space kind {config.kind!r} is not available yet: use 'feature'")
-    return FeatureSpace(config)
+# Spaces by `SpaceConfig.kind`. A test registers a trivial one here to show the seam holds.
+SPACES: dict[str, Callable[[SpaceConfig], Space]] = {"feature": FeatureSpace}
+
+
+def build_space(config: SpaceConfig) -> Space:
+    if config.kind not in SPACES:
+        raise ValueError(f"space.kind {config.kind!r} is not available: use {' or '.join(map(repr, SPACES))}")
+    return SPACES[config.kind](config)

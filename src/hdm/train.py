@@ -1,5 +1,5 @@
-"""Training glue: cache the features of the normal images, then optimise denoiser, head and refinement
-with DAGM batches.
+"""Training glue: cache the normal images encoded in the model's space, then optimise denoiser, head
+and refinement with DAGM batches.
 
 The model (`HDM`) stays a pure module; everything about optimisation lives here.
 """
@@ -23,7 +23,7 @@ from .device import autocast, device_of, place
 from .model import HDM, to_model_input
 from .pom import adapt_tau, filter_samples, hybrid_loss, map_losses, masked_change, refinement_losses
 from .progress import bar
-from .space import Features, FeatureSpace
+from .space import Encoded, Space
 from .store import save_training_state
 
 
@@ -34,13 +34,13 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def encode(space: FeatureSpace, images: np.ndarray, batch_size: int = 16, desc: str = "encode",
-           progress: bool = True) -> Features:
-    """Un-normalised features of N x S x S x 3 uint8 images, batch by batch, on the space's device."""
+def encode(space: Space, images: np.ndarray, batch_size: int = 16, desc: str = "encode",
+           progress: bool = True) -> Encoded:
+    """N x S x S x 3 uint8 images in the space, un-normalised, batch by batch, on the space's device."""
     device, chunks = device_of(space), []
     for start in bar(range(0, len(images), batch_size), desc=desc, enabled=progress):
-        chunks.append(space.raw_features(to_model_input(images[start:start + batch_size]).to(device)))
-    return Features(*(torch.cat(part) for part in zip(*chunks)))
+        chunks.append(space.raw(to_model_input(images[start:start + batch_size]).to(device)))
+    return Encoded.cat(chunks)
 
 
 @dataclass
@@ -62,10 +62,10 @@ class TrainingLog:
                 "rejected_fraction": self.rejected / max(1, self.synthetic), "train_seconds": self.seconds}
 
 
-def build_appearance_pool(space: FeatureSpace, images: np.ndarray, config: HDMConfig,
-                          rng: np.random.Generator, progress: bool) -> tuple[Features, torch.Tensor]:
-    """Pixel-space anomalies (DAGM content b), encoded once: features with N x k leading dimensions
-    and soft masks on the stride-4 grid."""
+def build_appearance_pool(space: Space, images: np.ndarray, config: HDMConfig,
+                          rng: np.random.Generator, progress: bool) -> tuple[Encoded, torch.Tensor]:
+    """Pixel-space anomalies (DAGM content b), encoded once: N x k leading dimensions, soft masks on
+    the map's grid."""
     per_image = max(1, min(config.dagm.appearance_per_image, config.dagm.appearance_pool_max // len(images)))
     textures = foreign_textures(images.shape[1])
     grayscale = is_grayscale(images)
@@ -75,20 +75,20 @@ def build_appearance_pool(space: FeatureSpace, images: np.ndarray, config: HDMCo
             other = images[int(rng.integers(len(images)))]
             image, mask = appearance_anomaly(images[index], other, textures, rng, config.dagm, grayscale)
             made.append(image)
-            masks.append(grid_mask(mask, space.fine_grid))
-    features = space.normalise(encode(space, np.stack(made), desc="encode anomalies", progress=progress))
+            masks.append(grid_mask(mask, space.map_grid))
+    encoded = space.normalise(encode(space, np.stack(made), desc="encode anomalies", progress=progress))
     shape = (len(images), per_image)
-    return (Features(*(part.view(*shape, *part.shape[1:]) for part in features)),
-            torch.stack(masks).view(*shape, 1, space.fine_grid, space.fine_grid).to(features.z.device))
+    return (encoded.apply(lambda part: part.view(*shape, *part.shape[1:])),
+            torch.stack(masks).view(*shape, 1, space.map_grid, space.map_grid).to(encoded.z.device))
 
 
-def refinement_inputs(batch: SyntheticBatch, normal_fine: torch.Tensor, appearance_fine: torch.Tensor,
+def refinement_inputs(batch: SyntheticBatch, normal_guide: torch.Tensor, appearance_guide: torch.Tensor,
                       diffusion_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(stride-4 features, loss weight) per sample for the refinement: an appearance sample's own
-    features, the clean image's for everything else (diffusion content exists only in z)."""
-    fine = torch.where(batch.from_(Provenance.APPEARANCE).view(-1, 1, 1, 1), appearance_fine, normal_fine)
+    """(guide, loss weight) per sample for the refinement: an appearance sample's own guide, the clean
+    image's for everything else (diffusion content exists only in z)."""
+    guide = torch.where(batch.from_(Provenance.APPEARANCE).view(-1, 1, 1, 1), appearance_guide, normal_guide)
     weight = torch.where(batch.from_(Provenance.DIFFUSION), diffusion_weight, 1.0)
-    return fine, weight
+    return guide, weight
 
 
 @dataclass
@@ -159,7 +159,7 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
     appearance, app_mask = build_appearance_pool(space, images, config, rng, progress)
     if model.density is not None:
         model.density.fit(normal.z, torch.Generator().manual_seed(config.train.seed))
-    log(f"cached features of {len(images)} normal images and {app_mask.shape[0] * app_mask.shape[1]} appearance anomalies "
+    log(f"cached {len(images)} normal images and {app_mask.shape[0] * app_mask.shape[1]} appearance anomalies "
         f"({time.perf_counter() - started:.0f}s)")
 
     denoiser, ddm, diffusion = model.denoiser, model.ddm, model.diffusion
@@ -169,7 +169,7 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.train.lr, total_steps=config.train.steps,
                                                    pct_start=0.05)
     parts = TrainingParts(denoiser, ddm, ema, optimiser, schedule,
-                          DAGM(config.dagm, diffusion, space.grid, space.fine_grid), rng, generator, TrainingLog())
+                          DAGM(config.dagm, diffusion, space.grid, space.map_grid), rng, generator, TrainingLog())
     first = 0
     if resume_from is not None:
         first = parts.restore(resume_from)
@@ -185,10 +185,10 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
     for step in steps_bar:
         index = torch.from_numpy(rng.integers(len(images), size=batch_size))
         pick = torch.from_numpy(rng.integers(app_mask.shape[1], size=batch_size))
-        z0, f0 = normal.z[index], normal.fine[index]
-        az, af, am = appearance.z[index, pick], appearance.fine[index, pick], app_mask[index, pick]
+        clean, made, am = normal.apply(lambda x: x[index]), appearance.apply(lambda x: x[index, pick]), app_mask[index, pick]
         if config.train.augment_flip and rng.random() < 0.5:
-            z0, f0, az, af, am = (x.flip(-1) for x in (z0, f0, az, af, am))
+            clean, made, am = clean.apply(lambda x: x.flip(-1)), made.apply(lambda x: x.flip(-1)), am.flip(-1)
+        z0, az = clean.z, made.z
 
         with autocast(device, precision):
             # POM, generation side: the hybrid objective on normal samples only.
@@ -218,8 +218,8 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
             logits = ddm.head(batch.z, z0_hat)
             losses = map_losses(logits, batch.z_mask(), batch.label, config.pom, config.ddm.top_k)
             if ddm.refinement is not None:
-                fine, weight = refinement_inputs(batch, f0, af, config.pom.refine_diffusion_weight)
-                losses.update(refinement_losses(*ddm.refinement.residual(logits, fine), batch.mask, weight, config.pom))
+                guide, weight = refinement_inputs(batch, clean.guide, made.guide, config.pom.refine_diffusion_weight)
+                losses.update(refinement_losses(*ddm.refinement.residual(logits, guide), batch.mask, weight, config.pom))
             total = l_simple + l_vlb + sum(losses.values())
 
         optimiser.zero_grad(set_to_none=True)

@@ -1,0 +1,38 @@
+"""The space seam is real: a second space (the identity over tiny images, tests/conftest.py) goes through
+the model, a fit, a test and a prediction with nothing in hdm knowing which space it is."""
+
+import numpy as np
+import pytest
+import torch
+
+import hdm
+from hdm.config import HDMConfig
+from hdm.model import HDM
+
+pytestmark = pytest.mark.usefixtures("identity_space")
+
+
+def test_the_model_runs_in_the_identity_space():
+    config = HDMConfig()
+    config.space.kind, config.space.image_size = "identity", 32
+    model = HDM(config).eval()
+    assert model.ddm.refinement is None and model.space.lift is None
+    with torch.no_grad():
+        head, prior = model.voices(torch.rand(2, 3, 32, 32))
+        maps, scores = model(torch.rand(2, 3, 32, 32))
+    assert head.shape == prior.shape == (2, 1, 32, 32)
+    assert maps.shape == (2, 1, 32, 32) and scores.shape == (2,)
+    # nothing of the space is frozen, so everything it holds is saved with a run
+    assert {"space.z_mean", "space.z_std"} <= set(model.trained_state())
+
+
+def test_a_run_in_the_identity_space_fits_tests_and_predicts(tiny_mvtec, tmp_path):
+    settings = {"space.kind": "identity", "space.image_size": 32, "train.steps": 3, "train.batch_size": 2,
+                "pom.density_bank": 64}
+    run = hdm.fit(tiny_mvtec, "cat", out=tmp_path / "run", settings=settings, device="cpu")
+    metrics = hdm.test(run.path, report=False, device="cpu")
+    assert 0.0 <= metrics.image_auroc <= 1.0 and 0.0 <= metrics.pixel_auroc <= 1.0
+    detector = hdm.load(run.path, device="cpu")
+    verdicts = detector.predict(tiny_mvtec / "cat" / "test")
+    assert len(verdicts) == 3
+    assert all(v.map.shape == v.mask.shape == (40, 48) and np.isfinite(v.map).all() for v in verdicts)
