@@ -24,16 +24,16 @@ from pathlib import Path
 
 import torch
 
-from hdm.anchor import NearestNeighbourAnchor
-from hdm.config import HDMConfig, resolve
-from hdm.data import load_images_resized
-from hdm.inference import evaluate
-from hdm.layouts import DataSource
-from hdm.metrics import METRIC_KEYS, per_group_metrics, per_type_metrics
-from hdm.runs import fit_run, test_run
-from hdm.runtime import keep_freed_memory
-from hdm.space import FeatureSpace
-from hdm.store import write_bytes_atomic, write_json
+from hdm._anchor import NearestNeighbourAnchor
+from hdm._config import HDMConfig, resolve
+from hdm._data import load_images_resized
+from hdm._inference import evaluate
+from hdm._layouts import DataSource
+from hdm._metrics import METRIC_KEYS, per_group_metrics, per_type_metrics
+from hdm._runs import fit_run, test_run
+from hdm._runtime import keep_freed_memory
+from hdm._space import FeatureSpace
+from hdm._store import write_bytes_atomic, write_json
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 CATEGORIES = {"bottle": DATASETS / "mvtec_ad", "metal_plate": DATASETS / "mpdd",

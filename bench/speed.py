@@ -23,14 +23,14 @@ from pathlib import Path
 
 import torch
 
-from hdm.anchor import NearestNeighbourAnchor
-from hdm.config import HDMConfig
-from hdm.data import list_images, load_images_resized
-from hdm.export import OnnxDetector, export_onnx
-from hdm.inference import calibrate
-from hdm.model import HDM, to_model_input
-from hdm.runtime import keep_freed_memory
-from hdm.store import load_model, save_checkpoint
+from hdm._anchor import NearestNeighbourAnchor
+from hdm._config import HDMConfig
+from hdm._data import list_images, load_images_resized
+from hdm._export import OnnxDetector, export_onnx
+from hdm._inference import calibrate
+from hdm._model import HDM, to_model_input
+from hdm._runtime import keep_freed_memory
+from hdm._store import load_model, save_checkpoint
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mvtec_ad" / "bottle"
 PEAK_RSS = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
@@ -56,7 +56,7 @@ def batched(model, images: torch.Tensor, batch_size: int):
 
 
 def predict_cli(run: Path, folder: Path, out: Path, keep_memory: bool = True) -> tuple[float, float]:
-    """(seconds, peak RSS in MiB) of one `hdm predict` process (without `hdm.runtime.keep_freed_memory`
+    """(seconds, peak RSS in MiB) of one `hdm predict` process (without `hdm._runtime.keep_freed_memory`
     when asked, to measure what it gives)."""
     hdm = Path(sys.executable).with_name("hdm")
     shutil.rmtree(out, ignore_errors=True)

@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hdm.data import Sample, iter_batches, sample_mask
-from hdm.layouts import DataSource, holdout_split
-from hdm.metrics import compute_metrics
-from hdm.model import to_model_input
-from hdm.pom import normal_scale
-from hdm.store import load_model
+from hdm._data import Sample, iter_batches, sample_mask
+from hdm._layouts import DataSource, holdout_split
+from hdm._metrics import compute_metrics
+from hdm._model import to_model_input
+from hdm._pom import normal_scale
+from hdm._store import load_model
 
 RULES = {
     "head alone": lambda head, prior: head,

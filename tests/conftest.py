@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hdm.space import SPACES, Encoded, Space
+from hdm._space import SPACES, Encoded, Space
 
 SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 

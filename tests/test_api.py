@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import hdm
-from hdm.metrics import METRIC_KEYS
-from hdm.synthetic import make_default_dataset
+from hdm._metrics import METRIC_KEYS
+from hdm._synthetic import make_default_dataset
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -51,8 +51,8 @@ def test_predictions_are_typed_and_at_each_images_own_size(example_run, tmp_path
 
 
 def test_an_onnx_export_loads_into_the_same_detector(example_run, tmp_path):
-    from hdm.export import export_onnx
-    from hdm.store import load_model
+    from hdm._export import export_onnx
+    from hdm._store import load_model
 
     run, _ = example_run
     onnx_file = tmp_path / "model.onnx"
@@ -84,3 +84,10 @@ def test_bad_input_is_one_clear_line(example_run, call, message):
     with pytest.raises((hdm.HDMInputError, ValueError)) as info:
         call(run)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_public_api_is_what_all_names_and_every_module_is_private():
+    package = Path(hdm.__file__).parent
+    assert sorted(p.stem for p in package.glob("*.py") if not p.stem.startswith("_")) == []
+    assert all(getattr(hdm, name) is not None for name in hdm.__all__)
+    assert sorted(dir(hdm)) == sorted(hdm.__all__ + ["__version__"])

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from conftest import save
-from hdm.data import HDMInputError, decode_image, list_images, load_image, load_mask
-from hdm.store import load_checkpoint, save_checkpoint, write_bytes_atomic
-from hdm.config import HDMConfig
+from hdm._data import HDMInputError, decode_image, list_images, load_image, load_mask
+from hdm._store import load_checkpoint, save_checkpoint, write_bytes_atomic
+from hdm._config import HDMConfig
 
 RNG = np.random.default_rng(0)
 

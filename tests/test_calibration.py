@@ -5,13 +5,13 @@ import pytest
 import torch
 from scipy import stats
 
-from hdm.config import HDMConfig
-from hdm.data import Sample, list_images
-from hdm.inference import calibrate, predict_samples
-from hdm.layouts import holdout_split
-from hdm.pom import Calibration, fit_normal_tail
-from hdm.synthetic import CATEGORY, make_default_dataset
-from hdm.train import fit
+from hdm._config import HDMConfig
+from hdm._data import Sample, list_images
+from hdm._inference import calibrate, predict_samples
+from hdm._layouts import holdout_split
+from hdm._pom import Calibration, fit_normal_tail
+from hdm._synthetic import CATEGORY, make_default_dataset
+from hdm._train import fit
 
 
 def test_probability_crosses_one_minus_target_exactly_at_the_threshold():

@@ -9,9 +9,9 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from hdm.cli import main
-from hdm.metrics import METRIC_KEYS
-from hdm.synthetic import CATEGORY, DEFECT_TYPES, make_default_dataset
+from hdm._cli import main
+from hdm._metrics import METRIC_KEYS
+from hdm._synthetic import CATEGORY, DEFECT_TYPES, make_default_dataset
 
 
 @pytest.fixture(scope="module")

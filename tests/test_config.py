@@ -1,6 +1,6 @@
 import pytest
 
-from hdm.config import HDMConfig, apply_assignments, read_config_file, set_value, to_toml
+from hdm._config import HDMConfig, apply_assignments, read_config_file, set_value, to_toml
 
 
 def test_a_written_configuration_reads_back_to_the_same_values(tmp_path):

@@ -3,12 +3,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hdm.config import DAGMConfig, DDMConfig
-from hdm.dagm import DAGM, Provenance, appearance_anomaly, foreign_textures, grid_mask, is_grayscale, shuffled_patches
-from hdm.ddm import DDM, Refinement, blur_matrix, gaussian_kernel, smooth
-from hdm.denoiser import Denoiser
-from hdm.diffusion import GaussianDiffusion
-from hdm.space import Encoded
+from hdm._config import DAGMConfig, DDMConfig
+from hdm._dagm import DAGM, Provenance, appearance_anomaly, foreign_textures, grid_mask, is_grayscale, shuffled_patches
+from hdm._ddm import DDM, Refinement, blur_matrix, gaussian_kernel, smooth
+from hdm._denoiser import Denoiser
+from hdm._diffusion import GaussianDiffusion
+from hdm._space import Encoded
 
 C, G, M = 6, 8, 16  # z channels, z grid, mask (stride-4) grid
 

@@ -3,8 +3,8 @@ import pytest
 from PIL import Image
 
 from conftest import save
-from hdm.data import HDMInputError, list_images, load_image, load_mask
-from hdm.layouts import DataSource, mvtec_samples
+from hdm._data import HDMInputError, list_images, load_image, load_mask
+from hdm._layouts import DataSource, mvtec_samples
 
 
 def test_every_mode_becomes_three_channel_uint8(tmp_path):

@@ -4,9 +4,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from hdm.cli import main
-from hdm.data import HDMInputError
-from hdm.device import device_of, resolve_device
+from hdm._cli import main
+from hdm._data import HDMInputError
+from hdm._device import device_of, resolve_device
 
 
 def test_auto_picks_cuda_only_when_present():
@@ -41,18 +41,18 @@ def test_bf16_off_cuda_is_one_line(tmp_path):
 
 def test_the_bf16_path_trains_and_keeps_the_prior_in_fp32(tmp_path, monkeypatch):
     """The autocast path, exercised on the CPU (where users are refused it only because it is slow there)."""
-    import hdm.device
-    import hdm.train
-    from hdm.config import HDMConfig
-    from hdm.data import list_images
-    from hdm.synthetic import CATEGORY, make_default_dataset
+    import hdm._device
+    import hdm._train
+    from hdm._config import HDMConfig
+    from hdm._data import list_images
+    from hdm._synthetic import CATEGORY, make_default_dataset
 
     config = HDMConfig()
     config.space.image_size, config.train.steps, config.train.batch_size = 64, 3, 4
     config.dagm.warmup_fraction = 0.0  # diffusion-made content from the first step
-    monkeypatch.setattr(hdm.device, "check_precision", lambda precision, device: None)
+    monkeypatch.setattr(hdm._device, "check_precision", lambda precision, device: None)
     data = make_default_dataset(tmp_path, n_train=4, n_test_good=0, n_per_defect=0, size=64)
-    model, history = hdm.train.fit(config, list_images(data / CATEGORY / "train" / "good"), progress=False,
+    model, history = hdm._train.fit(config, list_images(data / CATEGORY / "train" / "good"), progress=False,
                                    log=lambda m: None, precision="bf16")
     assert model.precision == "bf16" and all(v == v for v in history.summary().values())  # no NaN
     images = torch.rand(2, 3, 64, 64)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from hdm.diffusion import GaussianDiffusion, normal_kl, strided_timesteps
+from hdm._diffusion import GaussianDiffusion, normal_kl, strided_timesteps
 
 
 @pytest.fixture(scope="module")

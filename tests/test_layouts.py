@@ -5,9 +5,9 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import save
-from hdm.cli import main
-from hdm.data import HDMInputError, load_mask
-from hdm.layouts import DataSource, mask_index
+from hdm._cli import main
+from hdm._data import HDMInputError, load_mask
+from hdm._layouts import DataSource, mask_index
 
 RNG = np.random.default_rng(0)
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
-from hdm.metrics import (METRIC_KEYS, aupro, compute_metrics, f1_max, per_group_metrics, per_type_metrics,
+from hdm._metrics import (METRIC_KEYS, aupro, compute_metrics, f1_max, per_group_metrics, per_type_metrics,
                          threshold_metrics)
 
 

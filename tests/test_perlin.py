@@ -1,6 +1,6 @@
 import numpy as np
 
-from hdm.perlin import perlin_2d, perlin_mask
+from hdm._perlin import perlin_2d, perlin_mask
 
 
 def test_perlin_noise_is_smooth_and_bounded():

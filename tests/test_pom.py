@@ -2,9 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hdm.config import POMConfig
-from hdm.space import lift_matrix
-from hdm.pom import (NormalDensity, adapt_tau, cell_targets, coreset, filter_samples, focal_loss, map_losses,
+from hdm._config import POMConfig
+from hdm._space import lift_matrix
+from hdm._pom import (NormalDensity, adapt_tau, cell_targets, coreset, filter_samples, focal_loss, map_losses,
                      masked_change, refinement_losses, top_k_mean)
 
 

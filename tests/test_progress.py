@@ -2,7 +2,7 @@
 
 import io
 
-from hdm.progress import bar
+from hdm._progress import bar
 
 
 class Terminal(io.StringIO):

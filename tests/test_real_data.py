@@ -7,13 +7,13 @@ on two CPU cores. The full-size figures come from bench/accuracy.py, not from he
 import pytest
 
 from conftest import real_dataset
-from hdm.anchor import NearestNeighbourAnchor
-from hdm.config import HDMConfig
-from hdm.data import load_images_resized
-from hdm.layouts import DataSource
-from hdm.inference import calibrate, evaluate
-from hdm.space import FeatureSpace
-from hdm.train import fit
+from hdm._anchor import NearestNeighbourAnchor
+from hdm._config import HDMConfig
+from hdm._data import load_images_resized
+from hdm._layouts import DataSource
+from hdm._inference import calibrate, evaluate
+from hdm._space import FeatureSpace
+from hdm._train import fit
 
 pytestmark = pytest.mark.e2e
 
@@ -58,9 +58,9 @@ def test_anchor_on_bottle_matches_its_reference_behaviour():
 def test_onnx_parity_on_real_test_images(tmp_path):
     import torch
 
-    from hdm.data import list_images
-    from hdm.export import OnnxDetector, export_onnx
-    from hdm.model import HDM, to_model_input
+    from hdm._data import list_images
+    from hdm._export import OnnxDetector, export_onnx
+    from hdm._model import HDM, to_model_input
 
     root = real_dataset("mvtec_ad", "bottle")
     model = HDM(HDMConfig()).eval()  # default 256^2; parity does not depend on training

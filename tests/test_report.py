@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from conftest import save
-from hdm.data import Sample
-from hdm.inference import Evaluation, Prediction
-from hdm.metrics import compute_metrics, threshold_metrics
-from hdm.report import gallery_order, write_report
+from hdm._data import Sample
+from hdm._inference import Evaluation, Prediction
+from hdm._metrics import compute_metrics, threshold_metrics
+from hdm._report import gallery_order, write_report
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",

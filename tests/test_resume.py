@@ -10,11 +10,11 @@ import time
 import torch
 from click.testing import CliRunner
 
-from hdm.cli import main
-from hdm.metrics import METRIC_KEYS
-from hdm.synthetic import CATEGORY, make_default_dataset
+from hdm._cli import main
+from hdm._metrics import METRIC_KEYS
+from hdm._synthetic import CATEGORY, make_default_dataset
 
-HDM = [sys.executable, "-c", "from hdm.cli import main; main()"]
+HDM = [sys.executable, "-c", "from hdm._cli import main; main()"]
 STEPS = 240
 
 

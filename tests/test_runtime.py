@@ -1,4 +1,4 @@
-"""hdm.runtime: the malloc setting that the hdm command applies, and its off switch."""
+"""hdm._runtime: the malloc setting that the hdm command applies, and its off switch."""
 
 import os
 import platform
@@ -10,7 +10,7 @@ import pytest
 
 def keep_freed_memory_in_fresh_process(setting: str) -> str:
     # A fresh interpreter: the setting is process-wide and must not leak into the test process.
-    code = "from hdm.runtime import keep_freed_memory; print(keep_freed_memory())"
+    code = "import hdm; print(hdm.keep_freed_memory())"
     env = {**os.environ, "HDM_KEEP_FREED_MEMORY": setting}
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           check=True).stdout.strip()

@@ -6,12 +6,11 @@ import pytest
 import torch
 
 import hdm
-from hdm.config import HDMConfig
-from hdm.model import HDM
-
-pytestmark = pytest.mark.usefixtures("identity_space")
+from hdm._config import HDMConfig
+from hdm._model import HDM
 
 
+@pytest.mark.usefixtures("identity_space")
 def test_the_model_runs_in_the_identity_space():
     config = HDMConfig()
     config.space.kind, config.space.image_size = "identity", 32
@@ -26,6 +25,7 @@ def test_the_model_runs_in_the_identity_space():
     assert {"space.z_mean", "space.z_std"} <= set(model.trained_state())
 
 
+@pytest.mark.usefixtures("identity_space")
 def test_a_run_in_the_identity_space_fits_tests_and_predicts(tiny_mvtec, tmp_path):
     settings = {"space.kind": "identity", "space.image_size": 32, "train.steps": 3, "train.batch_size": 2,
                 "pom.density_bank": 64}
@@ -36,3 +36,15 @@ def test_a_run_in_the_identity_space_fits_tests_and_predicts(tiny_mvtec, tmp_pat
     verdicts = detector.predict(tiny_mvtec / "cat" / "test")
     assert len(verdicts) == 3
     assert all(v.map.shape == v.mask.shape == (40, 48) and np.isfinite(v.map).all() for v in verdicts)
+
+
+def test_a_run_saved_before_the_seam_still_loads():
+    """Runs made before the space seam named the guide's statistics after the stride-4 stage."""
+    config = HDMConfig()
+    config.space.image_size = 64
+    saved = HDM(config).trained_state()
+    saved["space.guide_mean"] = torch.randn_like(saved["space.guide_mean"])
+    old = {k.replace("space.guide_", "space.fine_"): v for k, v in saved.items()}
+    model = HDM(config)
+    model.load_trained_state(old)
+    assert torch.equal(model.space.guide_mean, saved["space.guide_mean"])

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from hdm.config import SpaceConfig
-from hdm.space import FeatureSpace, upsample
+from hdm._config import SpaceConfig
+from hdm._space import FeatureSpace, upsample
 
 
 @pytest.mark.parametrize("backbone,channels,guide_channels",

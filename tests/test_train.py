@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from hdm.config import HDMConfig
-from hdm.data import list_images
-from hdm.synthetic import CATEGORY, make_default_dataset
-from hdm.dagm import Provenance, SyntheticBatch
-from hdm.train import fit, refinement_inputs
+from hdm._config import HDMConfig
+from hdm._data import list_images
+from hdm._synthetic import CATEGORY, make_default_dataset
+from hdm._dagm import Provenance, SyntheticBatch
+from hdm._train import fit, refinement_inputs
 
 
 def tiny_config(seed: int, kind: str = "feature") -> HDMConfig:

@@ -1,7 +1,8 @@
 """hdm: industrial anomaly detection with HDM, the Hybrid Diffusion Model.
 
-The public API is what `__all__` names; every other module is the implementation behind it and the
-`hdm` command. Importing hdm is cheap: torch loads on first use of a name.
+The public API is what `__all__` names. Every module is private by name (`hdm._dagm`, `hdm._ddm`,
+...): the implementation behind the API and the `hdm` command, free to change between versions.
+Importing hdm is cheap: torch loads on first use of a name.
 
     import hdm
     run = hdm.fit("datasets/mvtec_ad", "bottle", out="runs/bottle")
@@ -13,9 +14,9 @@ from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 
 __all__ = ["fit", "resume", "test", "load", "Detector", "ImagePrediction", "BatchPrediction", "Metrics", "Run",
-           "HDMConfig", "HDMInputError"]
+           "HDMConfig", "HDMInputError", "keep_freed_memory"]
 
-_HOMES = {"Run": "runs", "HDMConfig": "config", "HDMInputError": "data"}
+_HOMES = {"Run": "_runs", "HDMConfig": "_config", "HDMInputError": "_data", "keep_freed_memory": "_runtime"}
 
 try:
     __version__ = version("hdm")
@@ -25,7 +26,7 @@ except PackageNotFoundError:  # running from a source tree without installing
 
 def __getattr__(name: str):
     if name in __all__:
-        return getattr(import_module(f".{_HOMES.get(name, 'api')}", __name__), name)
+        return getattr(import_module(f".{_HOMES.get(name, '_api')}", __name__), name)
     raise AttributeError(f"module 'hdm' has no attribute {name!r}")
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import click
 
-from .config import HDMConfig
-from .data import HDMInputError
-from .runs import MODEL_FILE, data_source, fit_run, resume_run, test_run
+from ._config import HDMConfig
+from ._data import HDMInputError
+from ._runs import MODEL_FILE, data_source, fit_run, resume_run, test_run
 
 
 def _log(message: str) -> None:
@@ -44,7 +44,7 @@ def _fail_cleanly(func):
 
 
 def metrics_table(metrics: dict[str, float], title: str) -> str:
-    from .metrics import METRIC_KEYS
+    from ._metrics import METRIC_KEYS
 
     lines = [f"| {title} | " + " | ".join(METRIC_KEYS) + " |", "|---" * (len(METRIC_KEYS) + 1) + "|"]
     lines.append("| HDM | " + " | ".join(f"{metrics[k]:.4f}" for k in METRIC_KEYS) + " |")
@@ -63,7 +63,7 @@ SHORTCUTS = {"backbone": "space.backbone", "image_size": "space.image_size", "st
 
 def build_config(config_file: Path | None = None, assignments: tuple[str, ...] = (), **shortcuts) -> HDMConfig:
     """The defaults, then the TOML file, then the shortcut options that were given, then each --set, validated."""
-    from .config import resolve
+    from ._config import resolve
 
     values = {SHORTCUTS[name]: value for name, value in shortcuts.items() if value is not None}
     return resolve(config_file, values, assignments, where="command-line options")
@@ -73,7 +73,7 @@ def build_config(config_file: Path | None = None, assignments: tuple[str, ...] =
 @click.version_option(package_name="hdm")
 def main() -> None:
     """Industrial anomaly detection with HDM, the Hybrid Diffusion Model."""
-    from .runtime import keep_freed_memory
+    from ._runtime import keep_freed_memory
 
     keep_freed_memory()
 
@@ -131,7 +131,7 @@ def fit_command(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_
         return
     config = build_config(config_file, assignments, **shortcuts)
     if print_config:
-        from .config import to_toml
+        from ._config import to_toml
 
         click.echo(to_toml(config), nl=False)
         return
@@ -171,22 +171,22 @@ def test_command(run, data, category, normal_dir, abnormal_dir, mask_dir, normal
 @_fail_cleanly
 def predict_command(run, onnx_model, paths, out, save_maps, batch_size, device, precision, quiet):
     """Score images (files or folders): overlays, masks, scores.csv. An .onnx model runs on the CPU."""
-    from .predict import predict_paths
+    from ._predict import predict_paths
 
     if (run is None) == (onnx_model is None):
         raise HDMInputError("give exactly one of --run RUN or --model MODEL.onnx")
     if batch_size < 1:
         raise HDMInputError(f"--batch-size must be at least 1, not {batch_size}")
     if onnx_model is not None:
-        from .export import OnnxDetector
+        from ._export import OnnxDetector
 
         if not onnx_model.is_file():
             raise HDMInputError(f"{onnx_model}: model file not found")
         model = OnnxDetector(onnx_model)
         out = out or onnx_model.parent / "predictions"
     else:
-        from .device import place
-        from .store import load_model
+        from ._device import place
+        from ._store import load_model
 
         model = place(load_model(run / MODEL_FILE)[0], device, precision)
         out = out or run / "predictions"
@@ -208,8 +208,8 @@ def predict_command(run, onnx_model, paths, out, save_maps, batch_size, device, 
 @_fail_cleanly
 def export_command(run, fmt, out):
     """Export the whole inference path (uint8 images in; map and score out) to one file."""
-    from .export import export_onnx
-    from .store import load_model
+    from ._export import export_onnx
+    from ._store import load_model
 
     model, _ = load_model(run / MODEL_FILE)
     export_onnx(model, out)
@@ -225,10 +225,10 @@ def export_command(run, fmt, out):
 @_fail_cleanly
 def demo_command(out, steps, seed, device, precision, quiet):
     """The main job: make the built-in dataset, then fit, test and predict on it."""
-    from .device import place
-    from .predict import predict_paths
-    from .store import load_model
-    from .synthetic import CATEGORY, make_default_dataset
+    from ._device import place
+    from ._predict import predict_paths
+    from ._store import load_model
+    from ._synthetic import CATEGORY, make_default_dataset
 
     started = time.perf_counter()
     data = out / "data"

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from scipy import stats
 from torch import nn
 
-from .config import POMConfig
-from .diffusion import GaussianDiffusion
-from .space import upsample
+from ._config import POMConfig
+from ._diffusion import GaussianDiffusion
+from ._space import upsample
 
 
 def hybrid_loss(diffusion: GaussianDiffusion, z0: torch.Tensor, zt: torch.Tensor, t: torch.Tensor,

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from skimage import data as skdata
 
-from .config import DAGMConfig
-from .denoiser import Denoiser
-from .diffusion import GaussianDiffusion, strided_timesteps
-from .perlin import perlin_2d, perlin_mask
+from ._config import DAGMConfig
+from ._denoiser import Denoiser
+from ._diffusion import GaussianDiffusion, strided_timesteps
+from ._perlin import perlin_2d, perlin_mask
 
 _FOREIGN_TEXTURES = ("brick", "grass", "gravel", "moon", "camera")
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import HDMConfig
-from .ddm import DDM
-from .device import autocast
-from .diffusion import GaussianDiffusion
-from .pom import Calibration, NormalDensity
-from .space import build_space
+from ._config import HDMConfig
+from ._ddm import DDM
+from ._device import autocast
+from ._diffusion import GaussianDiffusion
+from ._pom import Calibration, NormalDensity
+from ._space import build_space
 
 
 class HDM(nn.Module):
@@ -36,7 +36,7 @@ class HDM(nn.Module):
         generator = torch.Generator().manual_seed(config.train.seed)
         self.register_buffer("noise", torch.randn(1, channels, grid, grid, generator=generator))
         self.calibration = Calibration()
-        # "bf16": the encoder, denoiser and head run under CUDA autocast (`device.place` sets it; not saved).
+        # "bf16": the encoder, denoiser and head run under CUDA autocast (`_device.place` sets it; not saved).
         self.precision = "fp32"
 
     @property

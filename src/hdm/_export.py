@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import HDMInputError
-from .model import HDM
-from .store import write_bytes_atomic
+from ._data import HDMInputError
+from ._model import HDM
+from ._store import write_bytes_atomic
 
 OPSET = 17
 

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import DDMConfig
-from .denoiser import Denoiser
-from .diffusion import GaussianDiffusion, strided_timesteps
-from .pom import top_k_mean
-from .space import Encoded
+from ._config import DDMConfig
+from ._denoiser import Denoiser
+from ._diffusion import GaussianDiffusion, strided_timesteps
+from ._pom import top_k_mean
+from ._space import Encoded
 
 
 class DiscriminativeHead(nn.Module):

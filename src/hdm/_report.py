@@ -17,12 +17,12 @@ from PIL import Image
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from .data import load_image, resize_image
-from .inference import Evaluation
-from .metrics import METRIC_KEYS
-from .pom import logit
-from .predict import colourise
-from .store import write_bytes_atomic
+from ._data import load_image, resize_image
+from ._inference import Evaluation
+from ._metrics import METRIC_KEYS
+from ._pom import logit
+from ._predict import colourise
+from ._store import write_bytes_atomic
 
 CURVE_POINTS = 400  # curves are thinned to this many points to keep the file small
 PIXEL_SAMPLE = 200_000  # pixels per class in the pixel histogram

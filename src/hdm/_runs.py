@@ -13,16 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .config import HDMConfig
-from .data import HDMInputError
+from ._config import HDMConfig
+from ._data import HDMInputError
 
 if TYPE_CHECKING:
     import torch
 
-    from .inference import Evaluation
-    from .layouts import DataSource
-    from .model import HDM
-    from .train import TrainingLog
+    from ._inference import Evaluation
+    from ._layouts import DataSource
+    from ._model import HDM
+    from ._train import TrainingLog
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "training_state.pt"  # exists only while a fit is running or was interrupted
@@ -48,7 +48,7 @@ def data_source(data: Path | None, category: str | None, normal_dir: Path | None
                 abnormal_dir: Path | None = None, mask_dir: Path | None = None,
                 normal_test_dir: Path | None = None) -> "DataSource":
     """A data root [+ category] for MVTec-like, VisA and plain folders; or generic folders."""
-    from .layouts import DataSource
+    from ._layouts import DataSource
 
     folders = (normal_dir, abnormal_dir, mask_dir, normal_test_dir)
     if data is not None and any(folders):
@@ -63,10 +63,10 @@ def data_source(data: Path | None, category: str | None, normal_dir: Path | None
 
 def fit_run(config: HDMConfig, source: "DataSource", run: Path, overwrite: bool = False, log: Log | None = None,
             progress: bool = True, device: str = "cpu", precision: str = "fp32") -> Run:
-    """Split off the calibration hold-out, then train on `device` in `precision` (see `device.place`),
+    """Split off the calibration hold-out, then train on `device` in `precision` (see `_device.place`),
     calibrate and save into the run folder (messages go to `log`, if given)."""
-    from .device import checked_device
-    from .layouts import holdout_split
+    from ._device import checked_device
+    from ._layouts import holdout_split
 
     device = checked_device(device, precision)
     log = log or _silent
@@ -89,9 +89,9 @@ def resume_run(run: Path, log: Log | None = None, progress: bool = True, device:
                precision: str = "fp32") -> Run:
     """Continue a fit that was interrupted (even by SIGKILL) from its last training-state checkpoint, on
     any device."""
-    from .device import checked_device
-    from .layouts import DataSource, holdout_split
-    from .store import load_training_state, parse_config
+    from ._device import checked_device
+    from ._layouts import DataSource, holdout_split
+    from ._store import load_training_state, parse_config
 
     device = checked_device(device, precision)
     log = log or _silent
@@ -116,9 +116,9 @@ def _train_and_save(config: HDMConfig, train: list[Path], holdout: list[Path], r
                     resume_from: dict | None, log: Log, progress: bool, device: "torch.device",
                     precision: str) -> Run:
     """Train (checkpointing a resumable state), calibrate on the hold-out, then write the model atomically."""
-    from .inference import calibrate
-    from .store import save_checkpoint, write_json
-    from .train import fit
+    from ._inference import calibrate
+    from ._store import save_checkpoint, write_json
+    from ._train import fit
 
     state_file = run / STATE_FILE
     model, history = fit(config, train, progress=progress, log=log, state_file=state_file, resume_from=resume_from,
@@ -142,11 +142,11 @@ def test_run(run: Path, source: "DataSource | None" = None, progress: bool = Tru
              report: bool = True, device: str = "cpu", precision: str = "fp32") -> "Evaluation":
     """Evaluate the run on labelled test data (by default its own) at its calibrated thresholds, on
     `device` in `precision`; writes metrics.json and, with `report`, report.html into the run."""
-    from .device import place
-    from .inference import evaluate
-    from .layouts import DataSource
-    from .report import write_report
-    from .store import load_model, write_json
+    from ._device import place
+    from ._inference import evaluate
+    from ._layouts import DataSource
+    from ._report import write_report
+    from ._store import load_model, write_json
 
     model, extra = load_model(run / MODEL_FILE)
     place(model, device, precision)

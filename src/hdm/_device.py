@@ -10,7 +10,7 @@ import itertools
 
 import torch
 
-from .data import HDMInputError
+from ._data import HDMInputError
 
 CHOICES = "auto, cpu, cuda, cuda:N or mps"
 

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .ddm import blur_matrix, smooth
-from .pom import NormalDensity, top_k_mean
-from .space import Space
-from .train import encode
+from ._ddm import blur_matrix, smooth
+from ._pom import NormalDensity, top_k_mean
+from ._space import Space
+from ._train import encode
 
 
 class NearestNeighbourAnchor(nn.Module):

@@ -1,6 +1,6 @@
 """The Python API: fit a run, load a detector from a run or an ONNX export, predict; typed results.
 
-It calls the same functions as the `hdm` command (`runs`, `inference`), so a run made here is a run
+It calls the same functions as the `hdm` command (`_runs`, `_inference`), so a run made here is a run
 folder like any other, and the command line can test, export or resume it.
 """
 
@@ -15,12 +15,12 @@ from typing import Any, Union
 import numpy as np
 import torch
 
-from .config import HDMConfig, resolve
-from .data import HDMInputError, Sample, iter_batches, list_images, resize_image, to_uint8
-from .device import device_of, place
-from .model import to_model_input
-from .predict import resize_map
-from .runs import MODEL_FILE, Run, data_source, fit_run, resume_run, test_run
+from ._config import HDMConfig, resolve
+from ._data import HDMInputError, Sample, iter_batches, list_images, resize_image, to_uint8
+from ._device import device_of, place
+from ._model import to_model_input
+from ._predict import resize_map
+from ._runs import MODEL_FILE, Run, data_source, fit_run, resume_run, test_run
 
 ImageInput = Union[str, Path, np.ndarray]  # and PIL images, read through np.asarray
 
@@ -182,12 +182,12 @@ def load(path: str | Path, device: str = "auto", precision: str = "fp32") -> Det
     onnxruntime on the CPU) -> a calibrated `Detector`."""
     path = Path(path)
     if path.suffix.lower() == ".onnx":
-        from .export import OnnxDetector
+        from ._export import OnnxDetector
 
         if not path.is_file():
             raise HDMInputError(f"{path}: model file not found")
         return Detector(OnnxDetector(path), path)
-    from .store import load_model
+    from ._store import load_model
 
     checkpoint = path / MODEL_FILE if path.is_dir() else path
     if not checkpoint.is_file():

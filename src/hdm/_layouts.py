@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import IMAGE_EXTENSIONS, HDMInputError, Sample, list_images
+from ._data import IMAGE_EXTENSIONS, HDMInputError, Sample, list_images
 
 NORMAL_NAMES = ("good", "ok")
 VISA_COLUMNS = {"object", "split", "label", "image", "mask"}

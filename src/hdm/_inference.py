@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import HDMInputError, Sample, iter_batches, sample_mask
-from .device import device_of
-from .metrics import compute_metrics, threshold_metrics
-from .model import HDM, to_model_input
-from .progress import bar as progress_bar
+from ._data import HDMInputError, Sample, iter_batches, sample_mask
+from ._device import device_of
+from ._metrics import compute_metrics, threshold_metrics
+from ._model import HDM, to_model_input
+from ._progress import bar as progress_bar
 
 
 @dataclass

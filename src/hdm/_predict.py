@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .data import HDMInputError, Sample, list_images
-from .inference import Prediction, predict_samples
-from .model import HDM
-from .store import write_bytes_atomic, write_npy, write_png
+from ._data import HDMInputError, Sample, list_images
+from ._inference import Prediction, predict_samples
+from ._model import HDM
+from ._store import write_bytes_atomic, write_npy, write_png
 
 # Control points of a blue-cyan-yellow-red ramp for heatmaps.
 _RAMP = np.array([[0, 0, 128], [0, 96, 255], [0, 224, 255], [255, 255, 0], [255, 96, 0], [200, 0, 0]], np.float32)

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import HDMConfig
-from .data import HDMInputError
+from ._config import HDMConfig
+from ._data import HDMInputError
 
 CHECKPOINT_FORMAT = "hdm-checkpoint"
 CHECKPOINT_VERSION = 4  # 2: calibration buffers and configuration; 3: stride-4 statistics and refinement;
@@ -116,7 +116,7 @@ def load_training_state(path: Path) -> dict[str, Any]:
 
 
 def load_model(path: Path):
-    from .model import HDM
+    from ._model import HDM
 
     config, state, extra = load_checkpoint(path)
     model = HDM(config)

@@ -1,10 +1,10 @@
 """The space the diffusion runs in: encode image -> z (plus an optional guide), and bring a map back to pixels.
 
 `Space` is all the model, DAGM, DDM and training know of it. The feature space is a frozen,
-ImageNet-pretrained EfficientNet-Lite cut after its stride-16 stage. Two stages are concatenated on the stride-8 grid and normalised per channel with
-training statistics, so the diffusion sees unit-variance z whatever the backbone. The stride-4
-stage, computed on the way, is kept too (normalised the same way): DDM's refinement draws the
-map's finer detail from it.
+ImageNet-pretrained EfficientNet-Lite cut after its stride-16 stage. Two stages are concatenated on
+the stride-8 grid and normalised per channel with training statistics, so the diffusion sees
+unit-variance z whatever the backbone. The stride-4 stage, computed on the way, is its guide
+(normalised the same way): DDM's refinement draws the map's finer detail from it.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .config import DiffusionConfig, SpaceConfig
-from .denoiser import Denoiser
+from ._config import DiffusionConfig, SpaceConfig
+from ._denoiser import Denoiser
 
 # (weights package, class, last block of the stride-4, stride-8 and stride-16 stages)
 _BACKBONES = {
@@ -148,7 +148,7 @@ class Space(nn.Module):
     channels, grid: z's channels and side. guide_channels: 0 without a guide (then DDM has no
     refinement). map_grid: the side of the anomaly map's grid, on which DAGM draws its masks: the
     guide's grid, or z's without one. lift, lifted_channels: z's last channels are the lift of a
-    coarser map (see `pom.NormalDensity`), or None and 0. frozen: submodules rebuilt from their
+    coarser map (see `_pom.NormalDensity`), or None and 0. frozen: submodules rebuilt from their
     package when a run is loaded, so not saved with it.
     """
 

@@ -16,15 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import HDMConfig
-from .dagm import DAGM, Provenance, SyntheticBatch, appearance_anomaly, foreign_textures, grid_mask, is_grayscale
-from .data import load_images_resized
-from .device import autocast, device_of, place
-from .model import HDM, to_model_input
-from .pom import adapt_tau, filter_samples, hybrid_loss, map_losses, masked_change, refinement_losses
-from .progress import bar
-from .space import Encoded, Space
-from .store import save_training_state
+from ._config import HDMConfig
+from ._dagm import DAGM, Provenance, SyntheticBatch, appearance_anomaly, foreign_textures, grid_mask, is_grayscale
+from ._data import load_images_resized
+from ._device import autocast, device_of, place
+from ._model import HDM, to_model_input
+from ._pom import adapt_tau, filter_samples, hybrid_loss, map_losses, masked_change, refinement_losses
+from ._progress import bar
+from ._space import Encoded, Space
+from ._store import save_training_state
 
 
 def seed_everything(seed: int) -> None:
@@ -136,11 +136,11 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
         extra: dict | None = None, device: torch.device = torch.device("cpu"),
         precision: str = "fp32") -> tuple[HDM, TrainingLog]:
     """Train HDM on normal images only, on `device` (the returned model stays there), its networks'
-    forward passes in `precision` (see `device.place`).
+    forward passes in `precision` (see `_device.place`).
 
     With `state_file`, the full training state (weights, EMA, optimiser, schedule, tau, every RNG
     and the log) is written there atomically every `train.checkpoint_every` steps, with `extra`
-    beside it; `resume_from` (such a state, read with `store.load_training_state`) continues from it
+    beside it; `resume_from` (such a state, read with `_store.load_training_state`) continues from it
     and ends with the same model as an uninterrupted run.
     """
     config.validate()

@@ -163,7 +163,7 @@ class HDMConfig:
 
     def validate(self) -> None:
         """Stop before any work on values that cannot run."""
-        from .space import SPACES  # the space module reads this one's dataclasses
+        from ._space import SPACES  # the space module reads this one's dataclasses
 
         feature = self.space.kind == "feature"
         checks = [

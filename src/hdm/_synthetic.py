@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from skimage import data as skdata
 
-from .store import write_png
+from ._store import write_png
 
 CATEGORY = "gravel_plate"
 DEFECT_TYPES = ("scratch", "crack", "hole", "stain", "missing")
