@@ -63,17 +63,22 @@ def units(values: torch.Tensor, held_out: torch.Tensor) -> torch.Tensor:
     return (values - loc) / (top - loc)
 
 
+def test_subset(source: DataSource, per_class: int) -> list[Sample]:
+    """A seeded sample of the test set: up to `per_class` normal and as many defective images."""
+    rng = np.random.default_rng(0)
+    test, chosen = source.test_samples(), []
+    for label in (0, 1):
+        group = [s for s in test if s.label == label]
+        chosen += [group[i] for i in sorted(rng.choice(len(group), min(per_class, len(group)), replace=False))]
+    return chosen
+
+
 def measure(run: Path, per_class: int) -> list[dict]:
     model, extra = load_model(run / "model.pt")
     if model.density is None:
         raise SystemExit(f"bench: {run} has no density prior (pom.density_bank = 0)")
     source = DataSource.from_dict(extra["source"])
-    rng = np.random.default_rng(0)
-    test = source.test_samples()
-    chosen = []
-    for label in (0, 1):
-        group = [s for s in test if s.label == label]
-        chosen += [group[i] for i in sorted(rng.choice(len(group), min(per_class, len(group)), replace=False))]
+    chosen = test_subset(source, per_class)
     _, holdout = holdout_split([s.path for s in source.train_samples()], model.config.calibration.holdout,
                                model.config.train.seed)
     test_voices, held_out = voices(model, chosen), voices(model, [Sample(p, 0) for p in holdout])

@@ -1,0 +1,107 @@
+"""How the bank of POM's density prior moves the prior alone: its size and its draw (the coreset's seed).
+
+    .venv/bin/hdm fit --data ROOT --category C --steps 400 --out RUN          # any run: only its space is used
+    .venv/bin/python bench/bank.py --runs RUN ... [--sizes 4096 20000] [--draws 3] [--out bench/results/bank.md]
+
+For each run: the same test sample as bench/voices.py and the run's own calibration hold-out. The bank
+is drawn again from the run's training split (90% of the normal images) for each size and draw, the
+prior's voice measured in units of its held-out normal scale and mapped to probabilities through the
+head's held-out scale, as `NormalDensity.fuse` does, then smoothed and scored like the model's map.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from voices import test_subset, units
+
+from hdm._data import Sample, iter_batches, load_images_resized, sample_mask
+from hdm._layouts import DataSource, holdout_split
+from hdm._metrics import compute_metrics
+from hdm._model import to_model_input
+from hdm._pom import NormalDensity
+from hdm._store import load_model
+from hdm._train import encode
+
+
+@torch.no_grad()
+def encoded(model, samples: list[Sample]) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """(normalised z, masks, labels) of `samples`."""
+    z, masks, labels = [], [], []
+    for batch in iter_batches(samples, model.image_size, 16):
+        if any(batch.errors):
+            raise SystemExit(f"bench: {next(e for e in batch.errors if e)}")
+        z.append(model.space(to_model_input(batch.images)).z)
+        masks += [sample_mask(s, shape, model.image_size) for s, shape in zip(batch.samples, batch.shapes)]
+        labels += [s.label for s in batch.samples]
+    return torch.cat(z), np.stack(masks), np.array(labels)
+
+
+def measure(run: Path, sizes: list[int], draws: int, per_class: int) -> list[dict]:
+    model, extra = load_model(run / "model.pt")
+    if model.density is None:
+        raise SystemExit(f"bench: {run} has no density prior (pom.density_bank = 0)")
+    space, head = model.space, model.density
+    source = DataSource.from_dict(extra["source"])
+    train, holdout = holdout_split([s.path for s in source.train_samples()], model.config.calibration.holdout,
+                                   model.config.train.seed)
+    normal = space.normalise(encode(space, load_images_resized(train, model.image_size), progress=False)).z
+    held, _, _ = encoded(model, [Sample(p, 0) for p in holdout])
+    test, masks, labels = encoded(model, test_subset(source, per_class))
+    rows = []
+    for size in sizes:
+        for draw in range(draws):
+            density = NormalDensity(space.channels, size, lift=space.lift, lifted=space.lifted_channels)
+            density.fit(normal, torch.Generator().manual_seed(draw))
+            with torch.no_grad():
+                held_prior = torch.cat([density(z, 64) for z in held.split(16)])
+                start = time.perf_counter()
+                prior = torch.cat([density(z, 64) for z in test.split(16)])
+                search_ms = 1000 * (time.perf_counter() - start) / len(test)
+            logits = head.head_loc + (head.head_top - head.head_loc) * units(prior, held_prior)
+            maps, scores = model.ddm.postprocess(space.to_pixels(torch.sigmoid(logits)))
+            metrics = compute_metrics(labels, scores.numpy(), masks, maps[:, 0].numpy())
+            rows.append({"run": run.name, "size": size, "draw": draw, "search_ms": search_ms, **metrics})
+            print(f"{run.name} bank {size} draw {draw}: {metrics['image_auroc']:.4f} / {metrics['pixel_auroc']:.4f} / "
+                  f"{metrics['pixel_aupro']:.4f}", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, nargs="+", required=True)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 20000])
+    parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--per-class", type=int, default=150)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/bank.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    command = "python bench/bank.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    rows = [row for run in args.runs for row in measure(run, args.sizes, args.draws, args.per_class)]
+    keys = ("image_auroc", "pixel_auroc", "pixel_aupro")
+    lines = [f"# The prior alone against its bank's size and draw\n\nProduced by `{command}` (test sample as in "
+             f"bench/voices.py; search time per test image, 2 CPU threads).\n",
+             "| run | bank | draw | image AUROC | pixel AUROC | AUPRO | search ms/image |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['run']} | {r['size']} | {r['draw']} | " + " | ".join(f"{r[k]:.4f}" for k in keys)
+              + f" | {r['search_ms']:.1f} |" for r in rows]
+    lines += ["", "| run | bank | median over draws (range) image AUROC | pixel AUROC | AUPRO |", "|---|---|---|---|---|"]
+    for run in args.runs:
+        for size in args.sizes:
+            group = [r for r in rows if r["run"] == run.name and r["size"] == size]
+            cells = [f"{statistics.median(r[k] for r in group):.4f} ({max(r[k] for r in group) - min(r[k] for r in group):.4f})"
+                     for k in keys]
+            lines.append(f"| {run.name} | {size} | " + " | ".join(cells) + " |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
