@@ -32,8 +32,10 @@ torch.set_num_threads(2)
 torch.manual_seed(0)
 model = HDM(HDMConfig()).eval()
 if model.density is not None:
-    model.density.bank.normal_()
-    model.density.bank_sq.copy_((model.density.bank ** 2).sum(1))
+    cells = model.space.grid ** 2
+    images = -(-model.density.bank.shape[0] // cells)
+    model.density.fit(torch.randn(images, model.space.channels, model.space.grid, model.space.grid),
+                      torch.Generator().manual_seed(0))
 x = torch.rand(16, 3, 256, 256)
 with torch.inference_mode():
     for _ in range(3):

@@ -18,30 +18,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from voices import test_subset, units
+from voices import collect, map_metrics, test_subset, units
 
-from hdm._data import Sample, iter_batches, load_images_resized, sample_mask
+from hdm._data import Sample, load_images_resized
 from hdm._layouts import DataSource, holdout_split
-from hdm._metrics import compute_metrics
-from hdm._model import to_model_input
 from hdm._pom import NormalDensity
 from hdm._store import load_model
 from hdm._train import encode
-
-
-@torch.no_grad()
-def encoded(model, samples: list[Sample]) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """(normalised z, masks, labels) of `samples`."""
-    z, masks, labels = [], [], []
-    for batch in iter_batches(samples, model.image_size, 16):
-        if any(batch.errors):
-            raise SystemExit(f"bench: {next(e for e in batch.errors if e)}")
-        z.append(model.space(to_model_input(batch.images)).z)
-        masks += [sample_mask(s, shape, model.image_size) for s, shape in zip(batch.samples, batch.shapes)]
-        labels += [s.label for s in batch.samples]
-    return torch.cat(z), np.stack(masks), np.array(labels)
 
 
 def measure(run: Path, sizes: list[int], draws: int, per_class: int) -> list[dict]:
@@ -53,8 +37,12 @@ def measure(run: Path, sizes: list[int], draws: int, per_class: int) -> list[dic
     train, holdout = holdout_split([s.path for s in source.train_samples()], model.config.calibration.holdout,
                                    model.config.train.seed)
     normal = space.normalise(encode(space, load_images_resized(train, model.image_size), progress=False)).z
-    held, _, _ = encoded(model, [Sample(p, 0) for p in holdout])
-    test, masks, labels = encoded(model, test_subset(source, per_class))
+    def z_of(images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"z": space(images).z}
+
+    held = collect(model, [Sample(p, 0) for p in holdout], z_of)["z"]
+    truth = collect(model, test_subset(source, per_class), z_of)
+    test = truth["z"]
     rows = []
     for size in sizes:
         for draw in range(draws):
@@ -65,9 +53,8 @@ def measure(run: Path, sizes: list[int], draws: int, per_class: int) -> list[dic
                 start = time.perf_counter()
                 prior = torch.cat([density(z, 64) for z in test.split(16)])
                 search_ms = 1000 * (time.perf_counter() - start) / len(test)
-            logits = head.head_loc + (head.head_top - head.head_loc) * units(prior, held_prior)
-            maps, scores = model.ddm.postprocess(space.to_pixels(torch.sigmoid(logits)))
-            metrics = compute_metrics(labels, scores.numpy(), masks, maps[:, 0].numpy())
+            metrics = map_metrics(model, head.head_loc + (head.head_top - head.head_loc) * units(prior, held_prior),
+                                  truth)
             rows.append({"run": run.name, "size": size, "draw": draw, "search_ms": search_ms, **metrics})
             print(f"{run.name} bank {size} draw {draw}: {metrics['image_auroc']:.4f} / {metrics['pixel_auroc']:.4f} / "
                   f"{metrics['pixel_aupro']:.4f}", flush=True)

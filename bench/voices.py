@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -43,19 +44,30 @@ RULES = {
 
 
 @torch.no_grad()
-def voices(model, samples: list[Sample]) -> dict:
-    out = {"head": [], "prior": [], "masks": [], "labels": []}
+def collect(model, samples: list[Sample], outputs: Callable[[torch.Tensor], dict[str, torch.Tensor]]) -> dict:
+    """`outputs` of each batch of `samples` (model-size images in [0, 1]), concatenated, with the samples'
+    masks at model size and their labels."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    masks, labels = [], []
     for batch in iter_batches(samples, model.image_size, 16):
         if any(batch.errors):
             raise SystemExit(f"bench: {next(e for e in batch.errors if e)}")
-        head, prior = model.voices(to_model_input(batch.images))
-        out["head"].append(head)
-        out["prior"].append(prior)
-        for sample, shape in zip(batch.samples, batch.shapes):
-            out["masks"].append(sample_mask(sample, shape, model.image_size))
-            out["labels"].append(sample.label)
-    return {"head": torch.cat(out["head"]), "prior": torch.cat(out["prior"]),
-            "masks": np.stack(out["masks"]), "labels": np.array(out["labels"])}
+        for key, value in outputs(to_model_input(batch.images)).items():
+            parts.setdefault(key, []).append(value)
+        masks += [sample_mask(sample, shape, model.image_size) for sample, shape in zip(batch.samples, batch.shapes)]
+        labels += [sample.label for sample in batch.samples]
+    return {**{key: torch.cat(values) for key, values in parts.items()}, "masks": np.stack(masks),
+            "labels": np.array(labels)}
+
+
+def voices(model, samples: list[Sample]) -> dict:
+    return collect(model, samples, lambda images: dict(zip(("head", "prior"), model.voices(images))))
+
+
+def map_metrics(model, logits: torch.Tensor, truth: dict) -> dict[str, float]:
+    """Metrics of logits in the head's units made into the model's map: sigmoid, pixels, smoothing, top-k score."""
+    maps, scores = model.ddm.postprocess(model.space.to_pixels(torch.sigmoid(logits)))
+    return compute_metrics(truth["labels"], scores.numpy(), truth["masks"], maps[:, 0].numpy())
 
 
 def units(values: torch.Tensor, held_out: torch.Tensor) -> torch.Tensor:
@@ -86,9 +98,7 @@ def measure(run: Path, per_class: int) -> list[dict]:
     loc, top = normal_scale(held_out["head"])
     rows = []
     for name, rule in RULES.items():
-        logits = loc + (top - loc) * rule(head, prior)
-        maps, scores = model.ddm.postprocess(model.space.to_pixels(torch.sigmoid(logits)))
-        metrics = compute_metrics(test_voices["labels"], scores.numpy(), test_voices["masks"], maps[:, 0].numpy())
+        metrics = map_metrics(model, loc + (top - loc) * rule(head, prior), test_voices)
         rows.append({"run": run.name, "category": source.category or "–", "rule": name, "test_images": len(chosen),
                      "holdout_images": len(holdout), **metrics})
     return rows

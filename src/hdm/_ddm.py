@@ -3,8 +3,8 @@
 Reverse-diffuse the input z to its normal version z^_0 (one step, norm-guided, or k DDIM steps),
 then a discriminative head on [z, z^_0, (z - z^_0)^2] gives anomaly logits on the z grid, which a
 refinement sharpens on the guide's finer grid where the space has a guide (the feature space's
-stride-4 stage). The map is brought
-to pixels and smoothed; the image score is the top-k mean of the map.
+stride-4 stage). The map is brought to pixels and smoothed; the image score is the top-k mean of
+the map.
 """
 
 from __future__ import annotations

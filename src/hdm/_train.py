@@ -33,6 +33,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def mirror(x: torch.Tensor) -> torch.Tensor:
+    """Left-right flip of image-shaped tensors (the training augmentation)."""
+    return x.flip(-1)
+
+
 @torch.no_grad()
 def encode(space: Space, images: np.ndarray, batch_size: int = 16, desc: str = "encode",
            progress: bool = True) -> Encoded:
@@ -185,9 +190,10 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
     for step in steps_bar:
         index = torch.from_numpy(rng.integers(len(images), size=batch_size))
         pick = torch.from_numpy(rng.integers(app_mask.shape[1], size=batch_size))
-        clean, made, am = normal.apply(lambda x: x[index]), appearance.apply(lambda x: x[index, pick]), app_mask[index, pick]
+        clean, made = normal.apply(lambda x: x[index]), appearance.apply(lambda x: x[index, pick])
+        am = app_mask[index, pick]
         if config.train.augment_flip and rng.random() < 0.5:
-            clean, made, am = clean.apply(lambda x: x.flip(-1)), made.apply(lambda x: x.flip(-1)), am.flip(-1)
+            clean, made, am = clean.apply(mirror), made.apply(mirror), mirror(am)
         z0, az = clean.z, made.z
 
         with autocast(device, precision):
