@@ -1,7 +1,11 @@
-"""How the bank of POM's density prior moves the prior alone: its size and its draw (the coreset's seed).
+"""How the bank of POM's density prior moves the prior alone: its size, its search and its draw (the coreset's seed).
 
     .venv/bin/hdm fit --data ROOT --category C --steps 400 --out RUN          # any run: only its space is used
-    .venv/bin/python bench/bank.py --runs RUN ... [--sizes 4096 20000] [--draws 3] [--out bench/results/bank.md]
+    .venv/bin/python bench/bank.py --runs RUN ... [--sizes 4096 20000 20000/128x4] [--draws 3] [--out FILE]
+
+A size is SIZE (searched whole) or SIZE/LISTSxPROBE (split into LISTS lists by k-means, each cell compared
+with its PROBE nearest lists: pom.density_lists and pom.density_probe); 'exact hits' is the share of
+test cells whose nearest bank cell that search found, against a search of the whole bank.
 
 For each run: the same test sample as bench/voices.py and the run's own calibration hold-out. The bank
 is drawn again from the run's training split (90% of the normal images) for each size and draw, the
@@ -24,11 +28,12 @@ from voices import collect, map_metrics, test_subset, units
 from hdm._data import Sample, load_images_resized
 from hdm._layouts import DataSource, holdout_split
 from hdm._pom import NormalDensity
+from hdm._space import upsample
 from hdm._store import load_model
 from hdm._train import encode
 
 
-def measure(run: Path, sizes: list[int], draws: int, per_class: int) -> list[dict]:
+def measure(run: Path, banks: list[str], draws: int, per_class: int) -> list[dict]:
     model, extra = load_model(run / "model.pt")
     if model.density is None:
         raise SystemExit(f"bench: {run} has no density prior (pom.density_bank = 0)")
@@ -44,27 +49,41 @@ def measure(run: Path, sizes: list[int], draws: int, per_class: int) -> list[dic
     truth = collect(model, test_subset(source, per_class), z_of)
     test = truth["z"]
     rows = []
-    for size in sizes:
+    for bank in banks:
+        size, lists, probe = parse_bank(bank)
         for draw in range(draws):
-            density = NormalDensity(space.channels, size, lift=space.lift, lifted=space.lifted_channels)
+            density = NormalDensity(space.channels, size, lift=space.lift, lifted=space.lifted_channels, lists=lists,
+                                    probe=probe)
             density.fit(normal, torch.Generator().manual_seed(draw))
             with torch.no_grad():
                 held_prior = torch.cat([density(z, 64) for z in held.split(16)])
                 start = time.perf_counter()
-                prior = torch.cat([density(z, 64) for z in test.split(16)])
+                found = torch.cat([density.distance(z) for z in test.split(16)])
                 search_ms = 1000 * (time.perf_counter() - start) / len(test)
+                density.probe = 0
+                nearest = torch.cat([density.distance(z) for z in test.split(16)])
+            prior = upsample(found.clamp_min(1e-6).log(), 64)
             metrics = map_metrics(model, head.head_loc + (head.head_top - head.head_loc) * units(prior, held_prior),
                                   truth)
-            rows.append({"run": run.name, "size": size, "draw": draw, "search_ms": search_ms, **metrics})
-            print(f"{run.name} bank {size} draw {draw}: {metrics['image_auroc']:.4f} / {metrics['pixel_auroc']:.4f} / "
-                  f"{metrics['pixel_aupro']:.4f}", flush=True)
+            hits = float((found <= nearest * (1 + 1e-5) + 1e-5).float().mean())
+            rows.append({"run": run.name, "bank": bank, "draw": draw, "search_ms": search_ms, "hits": hits, **metrics})
+            print(f"{run.name} bank {bank} draw {draw}: {metrics['image_auroc']:.4f} / {metrics['pixel_auroc']:.4f} / "
+                  f"{metrics['pixel_aupro']:.4f}, exact hits {hits:.3f}, {search_ms:.1f} ms/image", flush=True)
     return rows
+
+
+def parse_bank(bank: str) -> tuple[int, int, int]:
+    """'SIZE' or 'SIZE/LISTSxPROBE' -> (size, lists, probe); lists = 0 searches the whole bank."""
+    size, _, search = bank.partition("/")
+    lists, _, probe = search.partition("x")
+    return int(size), int(lists or 0), int(probe or 1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, nargs="+", required=True)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 20000])
+    parser.add_argument("--sizes", nargs="+", default=["4096", "20000"],
+                        help="bank sizes, each searched whole or, as SIZE/LISTSxPROBE, through an inverted file")
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--per-class", type=int, default=150)
     parser.add_argument("--out", type=Path, default=Path("bench/results/bank.md"))
@@ -73,18 +92,19 @@ def main() -> None:
     command = "python bench/bank.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     rows = [row for run in args.runs for row in measure(run, args.sizes, args.draws, args.per_class)]
     keys = ("image_auroc", "pixel_auroc", "pixel_aupro")
-    lines = [f"# The prior alone against its bank's size and draw\n\nProduced by `{command}` (test sample as in "
-             f"bench/voices.py; search time per test image, 2 CPU threads).\n",
-             "| run | bank | draw | image AUROC | pixel AUROC | AUPRO | search ms/image |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['run']} | {r['size']} | {r['draw']} | " + " | ".join(f"{r[k]:.4f}" for k in keys)
-              + f" | {r['search_ms']:.1f} |" for r in rows]
+    lines = [f"# The prior alone against its bank's size, search and draw\n\nProduced by `{command}` (test sample as "
+             f"in bench/voices.py; search time per test image, 2 CPU threads).\n",
+             "| run | bank | draw | image AUROC | pixel AUROC | AUPRO | exact hits | search ms/image |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['run']} | {r['bank']} | {r['draw']} | " + " | ".join(f"{r[k]:.4f}" for k in keys)
+              + f" | {r['hits']:.3f} | {r['search_ms']:.1f} |" for r in rows]
     lines += ["", "| run | bank | median over draws (range) image AUROC | pixel AUROC | AUPRO |", "|---|---|---|---|---|"]
     for run in args.runs:
-        for size in args.sizes:
-            group = [r for r in rows if r["run"] == run.name and r["size"] == size]
+        for bank in args.sizes:
+            group = [r for r in rows if r["run"] == run.name and r["bank"] == bank]
             cells = [f"{statistics.median(r[k] for r in group):.4f} ({max(r[k] for r in group) - min(r[k] for r in group):.4f})"
                      for k in keys]
-            lines.append(f"| {run.name} | {size} | " + " | ".join(cells) + " |")
+            lines.append(f"| {run.name} | {bank} | " + " | ".join(cells) + " |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

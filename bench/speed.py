@@ -104,10 +104,25 @@ def main() -> None:
     without_prior.pom.density_bank = 0
     rows["HDM model without POM's density prior, batch 16"] = median_rate(
         batched(HDM(without_prior).eval(), images, 16), n, args.repeats)
-    pooled_prior = deepcopy(model.config)
-    pooled_prior.pom.density_pool = 2
+    with torch.no_grad():
+        normal_z = model.space(to_model_input(load_images_resized(list_images(DATA / "train" / "good")[:20],
+                                                                  model.image_size))).z
+
+    def with_prior(**settings) -> HDM:
+        """The model with other POM prior settings, its bank drawn from 20 normal images' cells."""
+        config = deepcopy(model.config)
+        for name, value in settings.items():
+            setattr(config.pom, name, value)
+        variant = HDM(config).eval()
+        variant.density.fit(normal_z, torch.Generator().manual_seed(0))
+        return variant
+
     rows["HDM model, the prior on 2x2 means of z cells (pom.density_pool=2), batch 16"] = median_rate(
-        batched(HDM(pooled_prior).eval(), images, 16), n, args.repeats)
+        batched(with_prior(density_pool=2), images, 16), n, args.repeats)
+    rows["HDM model, a 20,000-cell bank searched whole (pom.density_bank=20000), batch 16"] = median_rate(
+        batched(with_prior(density_bank=20000), images, 16), n, args.repeats)
+    rows["HDM model, a 20,000-cell bank in 128 lists, 4 probed (pom.density_lists=128), batch 16"] = median_rate(
+        batched(with_prior(density_bank=20000, density_lists=128, density_probe=4), images, 16), n, args.repeats)
     export_onnx(model, work / "model.onnx")
     rows["HDM exported, onnxruntime, batch 16"] = median_rate(batched(OnnxDetector(work / "model.onnx"), images, 16), n, args.repeats)
     rows["frozen encoder alone, batch 16"] = median_rate(batched(model.space, images, 16), n, args.repeats)

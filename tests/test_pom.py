@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -180,3 +182,36 @@ def test_density_through_the_lift_is_the_same_search():
     assert torch.allclose(lifted.distance(z[2:]), plain.distance(z[2:]), atol=1e-4)
     # pooled queries lie on the coarse grid already: the plain search is kept
     assert NormalDensity(channels=7, size=40, pool=2, lift=lift, lifted=5).lifted == 0
+
+
+def _clustered_cells(generator: torch.Generator, n: int = 600, channels: int = 6) -> torch.Tensor:
+    centres = torch.randn(12, channels, generator=generator) * 4
+    return centres[torch.randint(12, (n,), generator=generator)] + torch.randn(n, channels, generator=generator) * 0.5
+
+
+def test_inverted_file_finds_the_nearest_when_every_list_is_probed_and_a_near_one_otherwise():
+    generator = torch.Generator().manual_seed(0)
+    normal = _clustered_cells(generator).T.reshape(1, 6, 20, 30)
+    exact = NormalDensity(channels=6, size=200, chunks=3)
+    exact.fit(normal, torch.Generator().manual_seed(1))
+    inverted = NormalDensity(channels=6, size=200, lists=8, probe=8)
+    inverted.fit(normal, torch.Generator().manual_seed(1))
+    # the same cells, kept sorted by list
+    assert torch.equal(inverted.bank.sort(0).values, exact.bank.sort(0).values) and inverted.list_ends[-1] == 200
+    z = _clustered_cells(generator, 120).T.reshape(2, 6, 6, 10)
+    truth = exact.distance(z)
+    assert torch.allclose(inverted.distance(z), truth, atol=1e-4)
+    inverted.probe = 1
+    probed = inverted.distance(z)
+    assert (probed >= truth - 1e-4).all() and (probed - truth).abs().lt(1e-4).float().mean() > 0.8
+    # a traced graph (what ONNX export records) searches the whole bank
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.trace's own deprecation notice
+        traced = torch.jit.trace(lambda x: inverted.distance(x), (z,), check_trace=False)
+    assert torch.allclose(traced(z), truth, atol=1e-4)
+
+
+def test_inverted_file_settings_are_capped_by_the_bank():
+    density = NormalDensity(channels=3, size=10, lists=128, probe=4)
+    assert density.centroids.shape == (10, 3) and density.probe == 4
+    assert NormalDensity(channels=3, size=10, lists=0, probe=4).probe == 0

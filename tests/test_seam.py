@@ -48,3 +48,20 @@ def test_a_run_saved_before_the_seam_still_loads():
     model = HDM(config)
     model.load_trained_state(old)
     assert torch.equal(model.space.guide_mean, saved["space.guide_mean"])
+
+
+
+@pytest.mark.usefixtures("identity_space")
+def test_a_run_saved_before_the_inverted_file_searches_its_whole_bank(tmp_path):
+    from hdm._store import load_model, save_checkpoint
+
+    config = HDMConfig()
+    config.space.kind, config.space.image_size, config.pom.density_bank = "identity", 32, 64
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, config, HDM(config).trained_state())
+    payload = torch.load(path, weights_only=True)
+    del payload["config"]["pom"]["density_lists"]
+    payload["state"] = {k: v for k, v in payload["state"].items() if "centroids" not in k and "list_ends" not in k}
+    torch.save(payload, path)
+    model, _ = load_model(path)
+    assert model.config.pom.density_lists == 0 and model.density.probe == 0

@@ -105,8 +105,15 @@ class POMConfig:
     lambda_refine_raise: float = 0.02
     # Normal z cells in the bank of POM's density prior (0 = no prior), which flags cells unlike any
     # normal one where the head, trained on DAGM's samples only, stays silent: brain MRI tumours and
-    # the uneven surfaces of magnetic tiles look like nothing DAGM makes. Its cost grows with the bank.
+    # the uneven surfaces of magnetic tiles look like nothing DAGM makes. Its cost grows with the bank
+    # unless the bank is split into lists (below).
     density_bank: int = 4096
+    # The bank split into this many lists by k-means; each z cell is compared with the cells of its
+    # density_probe nearest lists only (an inverted file): a 20,000-cell bank in 128 lists costs less
+    # than an exact search of 4,096 (bench/results/bank-lists.md, bank.md). 0 = compare with the whole bank,
+    # as the exported graph always does. Both are capped by the bank's size.
+    density_lists: int = 0
+    density_probe: int = 4
     # The prior may be asked about density_pool x density_pool means of z cells instead (2: a 16-pixel
     # grid, a quarter of the search): faster, but a small defect's cell is averaged with its normal
     # neighbours, which cost bottle 0.013 AUPRO (README, Results).
@@ -185,6 +192,8 @@ class HDMConfig:
             (self.pom.refine_diffusion_weight >= 0.0, "pom.refine_diffusion_weight must be >= 0"),
             (self.pom.lambda_refine_raise >= 0.0, "pom.lambda_refine_raise must be >= 0"),
             (self.pom.density_bank >= 0, "pom.density_bank must be >= 0"),
+            (self.pom.density_lists >= 0, "pom.density_lists must be >= 0"),
+            (self.pom.density_probe >= 1, "pom.density_probe must be >= 1"),
             (self.pom.density_pool >= 1 and (self.space.image_size // 8) % self.pom.density_pool == 0,
              "pom.density_pool must be >= 1 and divide the z grid (space.image_size / 8)"),
             (self.ddm.refine_width > 0, "ddm.refine_width must be > 0"),

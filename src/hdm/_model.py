@@ -30,9 +30,11 @@ class HDM(nn.Module):
         self.diffusion = GaussianDiffusion.linear(d.timesteps, d.beta_start, d.beta_end)
         self.denoiser = self.space.denoiser(d)
         self.ddm = DDM(config.ddm, self.diffusion, channels, self.space.guide_channels, config.space.image_size)
-        self.density = (NormalDensity(channels, config.pom.density_bank, config.pom.density_pool,
-                                      lift=self.space.lift, lifted=self.space.lifted_channels)
-                        if config.pom.density_bank else None)
+        pom = config.pom
+        self.density = (NormalDensity(channels, pom.density_bank, pom.density_pool, lift=self.space.lift,
+                                      lifted=self.space.lifted_channels, lists=pom.density_lists,
+                                      probe=pom.density_probe)
+                        if pom.density_bank else None)
         generator = torch.Generator().manual_seed(config.train.seed)
         self.register_buffer("noise", torch.randn(1, channels, grid, grid, generator=generator))
         self.calibration = Calibration()
