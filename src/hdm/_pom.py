@@ -235,7 +235,8 @@ class NormalDensity(nn.Module):
         pooled = F.avg_pool2d(z, self.pool) if self.pool > 1 else z
         b, c, h, w = pooled.shape
         queries = pooled.permute(0, 2, 3, 1).reshape(b, h * w, c)
-        if self.probe and not torch.jit.is_tracing():
+        # A bank not fitted yet has no lists: it is searched whole, as a traced graph searches any bank.
+        if self.probe and not torch.jit.is_tracing() and self.list_ends[-1] > 0:
             best = self._probed_nearest_sq(queries.reshape(-1, c)).view(b, h * w)
             return (best + (queries ** 2).sum(2)).clamp_min(0).sqrt().view(b, 1, h, w)
         direct, coarse = queries[..., :c - self.lifted], None
@@ -282,7 +283,7 @@ class NormalDensity(nn.Module):
         start, pair = 0, 0
         for end, count in zip(ends, counts):
             rows = slice(pair, pair + count)
-            if count and end > start:  # a list is empty only in a bank not fitted yet
+            if count and end > start:
                 found[rows] = torch.addmm(self.bank_sq[start:end], queries[asking[rows]], self.bank[start:end].T,
                                           alpha=-2).amin(1)
             pair += count
