@@ -27,8 +27,7 @@ from voices import collect, map_metrics, test_subset, units
 
 from hdm._data import Sample, load_images_resized
 from hdm._layouts import DataSource, holdout_split
-from hdm._pom import NormalDensity
-from hdm._space import upsample
+from hdm._pom import NormalDensity, prior_voice
 from hdm._store import load_model
 from hdm._train import encode
 
@@ -62,7 +61,7 @@ def measure(run: Path, banks: list[str], draws: int, per_class: int) -> list[dic
                 search_ms = 1000 * (time.perf_counter() - start) / len(test)
                 density.probe = 0
                 nearest = torch.cat([density.distance(z) for z in test.split(16)])
-            prior = upsample(found.clamp_min(1e-6).log(), 64)
+            prior = prior_voice(found, 64)
             metrics = map_metrics(model, head.head_loc + (head.head_top - head.head_loc) * units(prior, held_prior),
                                   truth)
             hits = float((found <= nearest * (1 + 1e-5) + 1e-5).float().mean())

@@ -79,16 +79,15 @@ def main() -> None:
         sys.exit(f"bench: {DATA} not found")
 
     work = Path(tempfile.mkdtemp(prefix="hdm-speed-"))
+    model = load_model(args.run / "model.pt")[0] if args.run else HDM(HDMConfig()).eval()
+    normal = list_images(DATA / "train" / "good")[:20]
+    with torch.no_grad():
+        normal_z = model.space(to_model_input(load_images_resized(normal, model.image_size))).z
     if args.run:
-        model, _ = load_model(args.run / "model.pt")
         run = args.run
     else:
-        model = HDM(HDMConfig()).eval()
-        normal = list_images(DATA / "train" / "good")[:20]
         # A bank of real cells: onnxruntime folds much of the search away against an all-zero one.
-        with torch.no_grad():
-            model.density.fit(model.space(to_model_input(load_images_resized(normal, model.image_size))).z,
-                              torch.Generator().manual_seed(0))
+        model.density.fit(normal_z, torch.Generator().manual_seed(0))
         # Thresholds do not change the cost, but predict and export need a calibrated model.
         calibrate(model, normal, model.config.calibration.target_fpr, progress=False)
         run = work / "run"
@@ -104,9 +103,6 @@ def main() -> None:
     without_prior.pom.density_bank = 0
     rows["HDM model without POM's density prior, batch 16"] = median_rate(
         batched(HDM(without_prior).eval(), images, 16), n, args.repeats)
-    with torch.no_grad():
-        normal_z = model.space(to_model_input(load_images_resized(list_images(DATA / "train" / "good")[:20],
-                                                                  model.image_size))).z
 
     def with_prior(**settings) -> HDM:
         """The model with other POM prior settings, its bank drawn from 20 normal images' cells."""

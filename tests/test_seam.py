@@ -50,7 +50,6 @@ def test_a_run_saved_before_the_seam_still_loads():
     assert torch.equal(model.space.guide_mean, saved["space.guide_mean"])
 
 
-
 @pytest.mark.usefixtures("identity_space")
 def test_a_run_saved_before_the_inverted_file_searches_its_whole_bank(tmp_path):
     from hdm._store import load_model, save_checkpoint

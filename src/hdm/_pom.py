@@ -149,6 +149,11 @@ def normal_scale(values: torch.Tensor) -> tuple[float, float]:
     return loc, max(float(values.flatten(1).amax(1).mean()), loc + 1e-3)
 
 
+def prior_voice(distance: torch.Tensor, size: int) -> torch.Tensor:
+    """`NormalDensity.distance` (B x 1 x h x w) -> the prior's voice on a size x size grid: its log, upsampled."""
+    return upsample(distance.clamp_min(1e-6).log(), size)
+
+
 class NormalDensity(nn.Module):
     """POM's prior on the discrimination side: how unlike every normal cell a z cell is.
 
@@ -238,7 +243,14 @@ class NormalDensity(nn.Module):
         # A bank not fitted yet has no lists: it is searched whole, as a traced graph searches any bank.
         if self.probe and not torch.jit.is_tracing() and self.list_ends[-1] > 0:
             best = self._probed_nearest_sq(queries.reshape(-1, c)).view(b, h * w)
-            return (best + (queries ** 2).sum(2)).clamp_min(0).sqrt().view(b, 1, h, w)
+        else:
+            best = self._whole_nearest_sq(z, queries)
+        # |q|^2 is added after the minimum: it does not change which bank cell is nearest.
+        return (best + (queries ** 2).sum(2)).clamp_min(0).sqrt().view(b, 1, h, w)
+
+    def _whole_nearest_sq(self, z: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """`_nearest_sq` over the whole bank for z's B x Q x C queries, through the lift where z has one."""
+        b, _, c = queries.shape
         direct, coarse = queries[..., :c - self.lifted], None
         if self.lifted:
             coarse = self.unlift @ z[:, c - self.lifted:] @ self.unlift.T
@@ -246,12 +258,9 @@ class NormalDensity(nn.Module):
         # One image at a time, so each block of distances stays in cache; one batched pass when traced
         # for export, where a loop over the batch would freeze the batch size into the graph.
         if torch.jit.is_tracing():
-            best = self._nearest_sq(direct, coarse)
-        else:
-            best = torch.cat([self._nearest_sq(d, None if coarse is None else coarse[i:i + 1])
-                              for i, d in enumerate(direct.split(1))])
-        # |q|^2 is added after the minimum: it does not change which bank cell is nearest.
-        return (best + (queries ** 2).sum(2)).clamp_min(0).sqrt().view(b, 1, h, w)
+            return self._nearest_sq(direct, coarse)
+        return torch.cat([self._nearest_sq(d, None if coarse is None else coarse[i:i + 1])
+                          for i, d in enumerate(direct.split(1))])
 
     def _nearest_sq(self, direct: torch.Tensor, coarse: torch.Tensor | None) -> torch.Tensor:
         """min over the bank of |bank|^2 - 2 q.bank for n x Q queries, given by their first channels
@@ -283,6 +292,7 @@ class NormalDensity(nn.Module):
         start, pair = 0, 0
         for end, count in zip(ends, counts):
             rows = slice(pair, pair + count)
+            # k-means leaves a list empty when the bank has fewer distinct cells than lists (repeats).
             if count and end > start:
                 found[rows] = torch.addmm(self.bank_sq[start:end], queries[asking[rows]], self.bank[start:end].T,
                                           alpha=-2).amin(1)
@@ -300,7 +310,7 @@ class NormalDensity(nn.Module):
 
     def forward(self, z: torch.Tensor, size: int) -> torch.Tensor:
         """The prior's voice on a size x size grid: the log-distance of pooled z cells to the bank."""
-        return upsample(self.distance(z).clamp_min(1e-6).log(), size)
+        return prior_voice(self.distance(z), size)
 
     def fuse(self, head_logits: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
         """The head's logits, or the prior's voice where it is the more unusual one, in head units.

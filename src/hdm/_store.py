@@ -94,6 +94,10 @@ def save_checkpoint(path: Path, config: HDMConfig, state: dict[str, torch.Tensor
 
 
 def parse_config(path: Path, data: Any) -> HDMConfig:
+    """A stored configuration (a checkpoint's or a training state's) -> HDMConfig."""
+    if isinstance(data, dict) and isinstance(data.get("pom"), dict):
+        # Runs saved before the bank was split into lists searched the whole bank.
+        data["pom"].setdefault("density_lists", 0)
     try:
         return HDMConfig.from_dict(data)
     except (TypeError, ValueError) as exc:
@@ -103,9 +107,6 @@ def parse_config(path: Path, data: Any) -> HDMConfig:
 def load_checkpoint(path: Path) -> tuple[HDMConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """Read a checkpoint with weights_only=True; refuse anything that is not an hdm checkpoint."""
     payload = _load_payload(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "checkpoint")
-    if isinstance(payload["config"], dict) and isinstance(payload["config"].get("pom"), dict):
-        # Runs saved before the bank was split into lists searched the whole bank.
-        payload["config"]["pom"].setdefault("density_lists", 0)
     return parse_config(path, payload["config"]), payload["state"], payload.get("extra", {})
 
 
