@@ -46,6 +46,8 @@ ABLATIONS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
     "no-density": ("POM without the density prior", {"pom.density_bank": 0}, CATEGORIES.keys()),
     "density-pool2": ("POM's prior asked about 2x2 means of z cells (4x less search)", {"pom.density_pool": 2},
                       ("bottle", *NEW)),
+    "raw-distance": ("POM's prior as the raw distance to the nearest bank cell (no radius)",
+                     {"pom.density_neighbours": 0}, NEW),
     "no-diffusion": ("DAGM without diffusion content", {"dagm.p_diffusion_max": 0.0}, ("metal_plate", *NEW)),
     "tau0": ("tau = 0", {"dagm.tau": 0.0, "pom.adapt_tau": False}, ("metal_plate", *NEW)),
     "no-filtering": ("POM filtering off", {"pom.filtering": False}, ("metal_plate", *NEW)),

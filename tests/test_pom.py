@@ -124,8 +124,38 @@ def test_density_distance_is_the_nearest_bank_cell():
     density.fit(torch.randn(4, 5, 6, 6, generator=generator), generator)
     z = torch.randn(2, 5, 3, 3, generator=generator)
     cells = z.permute(0, 2, 3, 1).reshape(-1, 5)
-    expected = torch.cdist(cells, density.bank).min(1).values.view(2, 3, 3)
-    assert torch.allclose(density.distance(z)[:, 0], expected, atol=1e-4)
+    expected = torch.cdist(cells, density.bank).min(1)
+    distance, index = density.nearest(z)
+    assert torch.allclose(distance[:, 0], expected.values.view(2, 3, 3), atol=1e-4)
+    assert torch.equal(index[:, 0], expected.indices.view(2, 3, 3))
+
+
+def test_prior_measures_the_distance_in_radii_of_the_nearest_bank_cell():
+    generator = torch.Generator().manual_seed(0)
+    # a tight cluster and a loose one: the same distance is unusual beside the first, ordinary beside the second
+    tight, loose = torch.randn(75, 4, generator=generator) * 0.1, torch.randn(75, 4, generator=generator) + 10.0
+    normal = torch.cat([tight, loose]).T.reshape(1, 4, 10, 15)
+    density = NormalDensity(channels=4, size=150, neighbours=5, power=1.0)  # the bank holds every cell
+    density.fit(normal, generator)
+    others = torch.cdist(density.bank, density.bank).topk(6, largest=False).values[:, 1:]
+    assert torch.allclose(density.radius, others.mean(1), atol=1e-4)
+    z = torch.stack([tight[0] + 0.5, loose[0] + 0.5, tight[1] + 0.5, loose[1] + 0.5]).T.reshape(1, 4, 2, 2)
+    distance, index = density.nearest(z)
+    expected = (distance / density.radius[index]).log()
+    prior = density(z, 2)
+    assert torch.allclose(prior, expected, atol=1e-5)
+    assert (prior[0, 0, :, 0] > prior[0, 0, :, 1]).all()
+    raw = NormalDensity(channels=4, size=150)
+    raw.load_state_dict(density.state_dict(), strict=False)
+    assert torch.allclose(raw(z, 2), distance.log(), atol=1e-5)
+    # a bank drawn with repeats: a repeated cell is not its own neighbour
+    repeated = NormalDensity(channels=4, size=600, neighbours=5)
+    repeated.fit(normal, generator)
+    distinct = repeated.bank.unique(dim=0)
+    assert len(distinct) < 150
+    radius = torch.cdist(distinct, distinct).topk(6, largest=False).values[:, 1:].mean(1)
+    expected = dict(zip(map(tuple, distinct.tolist()), radius.tolist()))
+    assert torch.allclose(repeated.radius, torch.tensor([expected[tuple(c)] for c in repeated.bank.tolist()]), atol=1e-4)
 
 
 def test_each_voice_is_measured_on_held_out_normal_images():
@@ -200,15 +230,22 @@ def test_inverted_file_finds_the_nearest_when_every_list_is_probed_and_a_near_on
     assert torch.equal(inverted.bank.sort(0).values, exact.bank.sort(0).values) and inverted.list_ends[-1] == 200
     z = _clustered_cells(generator, 120).T.reshape(2, 6, 6, 10)
     truth = exact.distance(z)
-    assert torch.allclose(inverted.distance(z), truth, atol=1e-4)
+    found, index = inverted.nearest(z)
+    assert torch.allclose(found, truth, atol=1e-4)
+    cells = z.permute(0, 2, 3, 1).reshape(-1, 6)
+    assert torch.allclose((cells - inverted.bank[index.flatten()]).norm(dim=1), found.flatten(), atol=1e-4)
     inverted.probe = 1
-    probed = inverted.distance(z)
+    probed, index = inverted.nearest(z)
     assert (probed >= truth - 1e-4).all() and (probed - truth).abs().lt(1e-4).float().mean() > 0.8
+    # the index names the bank cell the probed distance was measured to
+    assert torch.allclose((cells - inverted.bank[index.flatten()]).norm(dim=1), probed.flatten(), atol=1e-4)
     # a traced graph (what ONNX export records) searches the whole bank
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit.trace's own deprecation notice
-        traced = torch.jit.trace(lambda x: inverted.distance(x), (z,), check_trace=False)
-    assert torch.allclose(traced(z), truth, atol=1e-4)
+        traced = torch.jit.trace(lambda x: inverted.nearest(x), (z,), check_trace=False)
+    distance, index = traced(z)
+    assert torch.allclose(distance, truth, atol=1e-4)
+    assert torch.equal(index.flatten(), torch.cdist(cells, inverted.bank).argmin(1))
 
 
 def test_inverted_file_settings_are_capped_by_the_bank():

@@ -33,7 +33,8 @@ class HDM(nn.Module):
         pom = config.pom
         self.density = (NormalDensity(channels, pom.density_bank, pom.density_pool, lift=self.space.lift,
                                       lifted=self.space.lifted_channels, lists=pom.density_lists,
-                                      probe=pom.density_probe)
+                                      probe=pom.density_probe, neighbours=pom.density_neighbours,
+                                      power=pom.density_radius_power)
                         if pom.density_bank else None)
         generator = torch.Generator().manual_seed(config.train.seed)
         self.register_buffer("noise", torch.randn(1, channels, grid, grid, generator=generator))

@@ -166,6 +166,14 @@ class NormalDensity(nn.Module):
     `pool` x `pool` means of z's cells (a quarter of the search at 2), still against unpooled bank
     cells: a bank of pooled cells lost more.
 
+    With `neighbours` > 0 the voice measures the distance in units of the nearest bank cell's radius
+    (its mean distance to its `neighbours` nearest bank cells) to the power `power`: where normal z is
+    loose (brain anatomy from patient to patient, the grain of a tile) a raw distance flags normal
+    cells, where it is tight it misses faint defects. As a local outlier factor does, the radius
+    puts both on one scale (bench/results/accuracy.md, the raw-distance ablation). The nearest cell
+    is the raw distance's, so where two bank cells are equally near up to float rounding, a search
+    in another order (the exported graph's) may take the other's radius. `distance` stays raw.
+
     With `lists` > 0 the bank is stored as an inverted file: split by k-means into lists, and a cell
     is compared with the cells of its `probe` nearest lists only (as in FAISS's IVF index). The nearest
     bank cell is then sometimes missed and a near one's distance taken instead: on 20,000-cell banks of
@@ -180,9 +188,12 @@ class NormalDensity(nn.Module):
     """
 
     def __init__(self, channels: int, size: int, pool: int = 1, chunks: int = 8,
-                 lift: torch.Tensor | None = None, lifted: int = 0, lists: int = 0, probe: int = 1):
+                 lift: torch.Tensor | None = None, lifted: int = 0, lists: int = 0, probe: int = 1,
+                 neighbours: int = 0, power: float = 1.0):
         super().__init__()
         self.pool = pool
+        self.neighbours = min(neighbours, size - 1)
+        self.power = power
         lists = min(lists, size)
         # Lists searched per query; 0 searches the whole bank (settable on a loaded model).
         self.probe = min(probe, lists)
@@ -193,6 +204,9 @@ class NormalDensity(nn.Module):
         self.lifted = lifted if lift is not None else 0
         self.register_buffer("bank", torch.zeros(size, channels))
         self.register_buffer("bank_sq", torch.zeros(size))
+        if self.neighbours:
+            # Each bank cell's mean distance to its `neighbours` nearest other bank cells.
+            self.register_buffer("radius", torch.ones(size))
         if lists:
             # The bank is kept sorted by list; list k holds rows list_ends[k - 1]:list_ends[k].
             self.register_buffer("centroids", torch.zeros(lists, channels))
@@ -224,6 +238,24 @@ class NormalDensity(nn.Module):
             self.list_ends.copy_(torch.bincount(assigned, minlength=len(centroids)).cumsum(0))
         self.bank.copy_(bank)
         self.bank_sq.copy_((self.bank ** 2).sum(1))
+        if self.neighbours:
+            self.radius.copy_(self._bank_radius())
+
+    def _bank_radius(self, rows: int = 2048) -> torch.Tensor:
+        """Each bank cell's mean distance to its `neighbours` nearest other distinct bank cells: a bank
+        drawn with repeats (fewer normal cells than entries) would otherwise give a repeated cell a
+        radius of 0."""
+        distinct, which = torch.unique(self.bank, dim=0, return_inverse=True)
+        k = min(self.neighbours, len(distinct) - 1)
+        if k == 0:
+            return torch.ones_like(self.bank_sq)
+        squared_norms = (distinct ** 2).sum(1)
+        parts = []
+        for part, part_sq in zip(distinct.split(rows), squared_norms.split(rows)):
+            squared = torch.addmm(squared_norms, part, distinct.T, alpha=-2).add_(part_sq[:, None]).clamp_min_(0)
+            # the nearest of its k + 1 is the cell itself
+            parts.append(squared.topk(k + 1, largest=False).values[:, 1:].sqrt().mean(1))
+        return torch.cat(parts).clamp_min(1e-6)[which]
 
     @torch.no_grad()
     def fit_null(self, head_logits: torch.Tensor, prior: torch.Tensor) -> None:
@@ -237,18 +269,23 @@ class NormalDensity(nn.Module):
     def distance(self, z: torch.Tensor) -> torch.Tensor:
         """B x C x g x g -> B x 1 x g/pool x g/pool Euclidean distance of pool x pool means of z cells
         to the nearest bank cell."""
+        return self.nearest(z)[0]
+
+    def nearest(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`distance`, and the index of the bank cell it is measured to (B x 1 x g/pool x g/pool each)."""
         pooled = F.avg_pool2d(z, self.pool) if self.pool > 1 else z
         b, c, h, w = pooled.shape
         queries = pooled.permute(0, 2, 3, 1).reshape(b, h * w, c)
         # A bank not fitted yet has no lists: it is searched whole, as a traced graph searches any bank.
         if self.probe and not torch.jit.is_tracing() and self.list_ends[-1] > 0:
-            best = self._probed_nearest_sq(queries.reshape(-1, c)).view(b, h * w)
+            best, index = (found.view(b, h * w) for found in self._probed_nearest_sq(queries.reshape(-1, c)))
         else:
-            best = self._whole_nearest_sq(z, queries)
+            best, index = self._whole_nearest_sq(z, queries)
         # |q|^2 is added after the minimum: it does not change which bank cell is nearest.
-        return (best + (queries ** 2).sum(2)).clamp_min(0).sqrt().view(b, 1, h, w)
+        distance = (best + (queries ** 2).sum(2)).clamp_min(0).sqrt()
+        return distance.view(b, 1, h, w), index.view(b, 1, h, w)
 
-    def _whole_nearest_sq(self, z: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    def _whole_nearest_sq(self, z: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`_nearest_sq` over the whole bank for z's B x Q x C queries, through the lift where z has one."""
         b, _, c = queries.shape
         direct, coarse = queries[..., :c - self.lifted], None
@@ -259,34 +296,42 @@ class NormalDensity(nn.Module):
         # for export, where a loop over the batch would freeze the batch size into the graph.
         if torch.jit.is_tracing():
             return self._nearest_sq(direct, coarse)
-        return torch.cat([self._nearest_sq(d, None if coarse is None else coarse[i:i + 1])
-                          for i, d in enumerate(direct.split(1))])
+        found = [self._nearest_sq(d, None if coarse is None else coarse[i:i + 1]) for i, d in enumerate(direct.split(1))]
+        return torch.cat([best for best, _ in found]), torch.cat([index for _, index in found])
 
-    def _nearest_sq(self, direct: torch.Tensor, coarse: torch.Tensor | None) -> torch.Tensor:
-        """min over the bank of |bank|^2 - 2 q.bank for n x Q queries, given by their first channels
-        (`direct`) and, with a lift, the coarse cells that make their other channels; in bank chunks
-        with a running minimum."""
+    def _nearest_sq(self, direct: torch.Tensor, coarse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """min over the bank of |bank|^2 - 2 q.bank for n x Q queries, and where it is taken, given by
+        their first channels (`direct`) and, with a lift, the coarse cells that make their other
+        channels; in bank chunks with a running minimum."""
         n, count, split = direct.shape
-        best = None
+        best = index = None
+        start = 0
         for bank, bank_sq in zip(self.bank.chunk(self.chunks), self.bank_sq.chunk(self.chunks)):
             k = bank.shape[0]
             d = torch.addmm(bank_sq, direct.reshape(-1, split), bank[:, :split].T, alpha=-2)
             if coarse is not None:
                 d = self._add_lifted(d, coarse, bank[:, split:])
-            d = d.view(n, count, k).amin(2)
-            best = d if best is None else torch.minimum(best, d)
-        return best
+            d, at = d.view(n, count, k).min(2)
+            at = at + start
+            if best is None:
+                best, index = d, at
+            else:
+                closer = d < best
+                best, index = torch.where(closer, d, best), torch.where(closer, at, index)
+            start += k
+        return best, index
 
-    def _probed_nearest_sq(self, queries: torch.Tensor) -> torch.Tensor:
-        """min over the bank cells in each query's `probe` nearest lists of |bank|^2 - 2 q.bank, for
-        Q x C queries: the (query, list) pairs are sorted by list, so each list is one matrix product
-        with the queries that probe it."""
+    def _probed_nearest_sq(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """min over the bank cells in each query's `probe` nearest lists of |bank|^2 - 2 q.bank, and
+        where it is taken, for Q x C queries: the (query, list) pairs are sorted by list, so each list
+        is one matrix product with the queries that probe it."""
         centroids = self.centroids
         near = torch.addmm((centroids ** 2).sum(1), queries, centroids.T, alpha=-2)
         lists = near.topk(self.probe, largest=False, sorted=False).indices.flatten()
         order = lists.argsort()
         asking = order // self.probe  # the query of each (query, list) pair, in list order
         found = torch.full((len(order),), torch.inf, device=queries.device)
+        where = torch.zeros(len(order), dtype=torch.long, device=queries.device)
         counts = torch.bincount(lists, minlength=len(centroids)).tolist()
         ends = self.list_ends.tolist()
         start, pair = 0, 0
@@ -294,11 +339,15 @@ class NormalDensity(nn.Module):
             rows = slice(pair, pair + count)
             # k-means leaves a list empty when the bank has fewer distinct cells than lists (repeats).
             if count and end > start:
-                found[rows] = torch.addmm(self.bank_sq[start:end], queries[asking[rows]], self.bank[start:end].T,
-                                          alpha=-2).amin(1)
+                found[rows], at = torch.addmm(self.bank_sq[start:end], queries[asking[rows]], self.bank[start:end].T,
+                                              alpha=-2).min(1)
+                where[rows] = at + start
             pair += count
             start = end
-        return torch.full((len(queries),), torch.inf, device=queries.device).scatter_reduce_(0, asking, found, "amin")
+        # Back to (query, probed list) order, then the best of each query's lists.
+        best, slot = torch.empty_like(found).index_copy_(0, order, found).view(-1, self.probe).min(1)
+        index = torch.empty_like(where).index_copy_(0, order, where).view(-1, self.probe)
+        return best, index.gather(1, slot[:, None])[:, 0]
 
     def _add_lifted(self, d: torch.Tensor, coarse: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
         """d - 2 (the lifted channels' dot products): taken on the coarse grid, then lifted along each axis."""
@@ -309,8 +358,12 @@ class NormalDensity(nn.Module):
         return torch.baddbmm(d.view(-1, grid, k), lift.expand(rows.shape[0], -1, -1), rows, alpha=-2)
 
     def forward(self, z: torch.Tensor, size: int) -> torch.Tensor:
-        """The prior's voice on a size x size grid: the log-distance of pooled z cells to the bank."""
-        return prior_voice(self.distance(z), size)
+        """The prior's voice on a size x size grid: the log-distance of pooled z cells to the bank,
+        with `neighbours`, in units of the nearest bank cell's radius to the power `power`."""
+        distance, index = self.nearest(z)
+        if self.neighbours:
+            distance = distance / self.radius[index] ** self.power
+        return prior_voice(distance, size)
 
     def fuse(self, head_logits: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
         """The head's logits, or the prior's voice where it is the more unusual one, in head units.

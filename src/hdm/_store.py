@@ -96,8 +96,10 @@ def save_checkpoint(path: Path, config: HDMConfig, state: dict[str, torch.Tensor
 def parse_config(path: Path, data: Any) -> HDMConfig:
     """A stored configuration (a checkpoint's or a training state's) -> HDMConfig."""
     if isinstance(data, dict) and isinstance(data.get("pom"), dict):
-        # Runs saved before the bank was split into lists searched the whole bank.
+        # Runs saved before the bank was split into lists searched the whole bank, and before the
+        # radius measured the raw distance.
         data["pom"].setdefault("density_lists", 0)
+        data["pom"].setdefault("density_neighbours", 0)
     try:
         return HDMConfig.from_dict(data)
     except (TypeError, ValueError) as exc:
