@@ -170,7 +170,7 @@ class NormalDensity(nn.Module):
     (its mean distance to its `neighbours` nearest bank cells) to the power `power`: where normal z is
     loose (brain anatomy from patient to patient, the grain of a tile) a raw distance flags normal
     cells, where it is tight it misses faint defects. As a local outlier factor does, the radius
-    puts both on one scale (bench/results/accuracy.md, the raw-distance ablation). The nearest cell
+    puts both on one scale (README, Results: the radius against the previous full bench). The nearest cell
     is the raw distance's, so where two bank cells are equally near up to float rounding, a search
     in another order (the exported graph's) may take the other's radius. `distance` stays raw.
 
@@ -205,7 +205,7 @@ class NormalDensity(nn.Module):
         self.register_buffer("bank", torch.zeros(size, channels))
         self.register_buffer("bank_sq", torch.zeros(size))
         if self.neighbours:
-            # Each bank cell's mean distance to its `neighbours` nearest other bank cells.
+            # Each bank cell's mean distance to its `neighbours` nearest other distinct bank cells.
             self.register_buffer("radius", torch.ones(size))
         if lists:
             # The bank is kept sorted by list; list k holds rows list_ends[k - 1]:list_ends[k].
