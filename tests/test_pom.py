@@ -124,13 +124,11 @@ def test_density_distance_is_the_nearest_bank_cell():
     density.fit(torch.randn(4, 5, 6, 6, generator=generator), generator)
     z = torch.randn(2, 5, 3, 3, generator=generator)
     cells = z.permute(0, 2, 3, 1).reshape(-1, 5)
-    expected = torch.cdist(cells, density.bank).min(1)
-    distance, index = density.nearest(z)
-    assert torch.allclose(distance[:, 0], expected.values.view(2, 3, 3), atol=1e-4)
-    assert torch.equal(index[:, 0], expected.indices.view(2, 3, 3))
+    expected = torch.cdist(cells, density.bank).amin(1)
+    assert torch.allclose(density.distance(z)[:, 0], expected.view(2, 3, 3), atol=1e-4)
 
 
-def test_prior_measures_the_distance_in_radii_of_the_nearest_bank_cell():
+def test_prior_measures_distances_in_radii_of_the_bank_cells():
     generator = torch.Generator().manual_seed(0)
     # a tight cluster and a loose one: the same distance is unusual beside the first, ordinary beside the second
     tight, loose = torch.randn(75, 4, generator=generator) * 0.1, torch.randn(75, 4, generator=generator) + 10.0
@@ -140,14 +138,22 @@ def test_prior_measures_the_distance_in_radii_of_the_nearest_bank_cell():
     others = torch.cdist(density.bank, density.bank).topk(6, largest=False).values[:, 1:]
     assert torch.allclose(density.radius, others.mean(1), atol=1e-4)
     z = torch.stack([tight[0] + 0.5, loose[0] + 0.5, tight[1] + 0.5, loose[1] + 0.5]).T.reshape(1, 4, 2, 2)
-    distance, index = density.nearest(z)
-    expected = (distance / density.radius[index]).log()
+    cells = z.permute(0, 2, 3, 1).reshape(-1, 4)
+    expected = (torch.cdist(cells, density.bank) / density.radius).amin(1).log().view(1, 1, 2, 2)
     prior = density(z, 2)
     assert torch.allclose(prior, expected, atol=1e-5)
     assert (prior[0, 0, :, 0] > prior[0, 0, :, 1]).all()
+    # the least in radii, not the nearest cell's distance in its radius: a cell halfway between the
+    # clusters is nearer the tight one but fewer radii from the loose one
+    between = (tight.mean(0) * 0.6 + loose.mean(0) * 0.4)[None, :, None, None]
+    to_bank = torch.cdist(between[:, :, 0, 0], density.bank)[0]
+    nearest = to_bank.argmin()
+    assert density.radius[nearest] < 1.0 < density.radius[to_bank.argmax()]  # the nearest is a tight cell
+    assert density(between, 1).exp() < 0.5 * to_bank[nearest] / density.radius[nearest]
     raw = NormalDensity(channels=4, size=150)
     raw.load_state_dict(density.state_dict(), strict=False)
-    assert torch.allclose(raw(z, 2), distance.log(), atol=1e-5)
+    assert torch.allclose(raw(z, 2), density.distance(z).log(), atol=1e-5)
+    assert torch.allclose(density.distance(z), torch.cdist(cells, density.bank).amin(1).view(1, 1, 2, 2), atol=1e-5)
     # a bank drawn with repeats: a repeated cell is not its own neighbour
     repeated = NormalDensity(channels=4, size=600, neighbours=5)
     repeated.fit(normal, generator)
@@ -204,12 +210,13 @@ def test_density_through_the_lift_is_the_same_search():
     lift = lift_matrix(4, 8, 3)
     coarse = torch.randn(3, 5, 4, 4, generator=generator)
     z = torch.cat([torch.randn(3, 2, 8, 8, generator=generator), lift @ coarse @ lift.T], dim=1)
-    plain = NormalDensity(channels=7, size=40, chunks=3)
+    plain = NormalDensity(channels=7, size=40, chunks=3, neighbours=4)
     plain.fit(z[:2], generator)
-    lifted = NormalDensity(channels=7, size=40, chunks=3, lift=lift, lifted=5)
+    lifted = NormalDensity(channels=7, size=40, chunks=3, lift=lift, lifted=5, neighbours=4)
     lifted.load_state_dict(plain.state_dict())
     assert lifted.lifted == 5
-    assert torch.allclose(lifted.distance(z[2:]), plain.distance(z[2:]), atol=1e-4)
+    for scaled in (False, True):
+        assert torch.allclose(lifted.distance(z[2:], scaled), plain.distance(z[2:], scaled), atol=1e-4)
     # pooled queries lie on the coarse grid already: the plain search is kept
     assert NormalDensity(channels=7, size=40, pool=2, lift=lift, lifted=5).lifted == 0
 
@@ -230,22 +237,35 @@ def test_inverted_file_finds_the_nearest_when_every_list_is_probed_and_a_near_on
     assert torch.equal(inverted.bank.sort(0).values, exact.bank.sort(0).values) and inverted.list_ends[-1] == 200
     z = _clustered_cells(generator, 120).T.reshape(2, 6, 6, 10)
     truth = exact.distance(z)
-    found, index = inverted.nearest(z)
-    assert torch.allclose(found, truth, atol=1e-4)
-    cells = z.permute(0, 2, 3, 1).reshape(-1, 6)
-    assert torch.allclose((cells - inverted.bank[index.flatten()]).norm(dim=1), found.flatten(), atol=1e-4)
+    assert torch.allclose(inverted.distance(z), truth, atol=1e-4)
     inverted.probe = 1
-    probed, index = inverted.nearest(z)
+    probed = inverted.distance(z)
     assert (probed >= truth - 1e-4).all() and (probed - truth).abs().lt(1e-4).float().mean() > 0.8
-    # the index names the bank cell the probed distance was measured to
-    assert torch.allclose((cells - inverted.bank[index.flatten()]).norm(dim=1), probed.flatten(), atol=1e-4)
     # a traced graph (what ONNX export records) searches the whole bank
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit.trace's own deprecation notice
-        traced = torch.jit.trace(lambda x: inverted.nearest(x), (z,), check_trace=False)
-    distance, index = traced(z)
-    assert torch.allclose(distance, truth, atol=1e-4)
-    assert torch.equal(index.flatten(), torch.cdist(cells, inverted.bank).argmin(1))
+        traced = torch.jit.trace(lambda x: inverted.distance(x), (z,), check_trace=False)
+    assert torch.allclose(traced(z), truth, atol=1e-4)
+
+
+def test_every_search_measures_in_radii_alike():
+    generator = torch.Generator().manual_seed(0)
+    normal = _clustered_cells(generator).T.reshape(1, 6, 20, 30)
+    exact = NormalDensity(channels=6, size=200, chunks=3, neighbours=8, power=0.5)
+    exact.fit(normal, torch.Generator().manual_seed(1))
+    inverted = NormalDensity(channels=6, size=200, lists=8, probe=8, neighbours=8, power=0.5)
+    inverted.fit(normal, torch.Generator().manual_seed(1))
+    z = _clustered_cells(generator, 120).T.reshape(2, 6, 6, 10)
+    cells = z.permute(0, 2, 3, 1).reshape(-1, 6)
+    truth = (torch.cdist(cells, exact.bank) / exact.radius ** 0.5).amin(1).view(2, 1, 6, 10)
+    assert torch.allclose(exact.distance(z, scaled=True), truth, atol=1e-4)
+    assert torch.allclose(inverted.distance(z, scaled=True), truth, atol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.trace's own deprecation notice
+        traced = torch.jit.trace(lambda x: inverted.distance(x, scaled=True), (z,), check_trace=False)
+    assert torch.allclose(traced(z), truth, atol=1e-4)
+    inverted.probe = 1
+    assert (inverted.distance(z, scaled=True) >= truth - 1e-4).all()
 
 
 def test_inverted_file_settings_are_capped_by_the_bank():

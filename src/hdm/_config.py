@@ -119,9 +119,9 @@ class POMConfig:
     # grid, a quarter of the search): faster, but a small defect's cell is averaged with its normal
     # neighbours, which cost bottle 0.013 AUPRO (README, Results).
     density_pool: int = 1
-    # The prior measures a cell's distance in units of its nearest bank cell's radius (the mean
-    # distance from that cell to its density_neighbours nearest bank cells) to the power
-    # density_radius_power: normal z varies more in some places than in others (brain anatomy from
+    # The prior measures a cell's distance to each bank cell in units of that bank cell's radius (its
+    # mean distance to its density_neighbours nearest bank cells) to the power density_radius_power,
+    # and takes the least: normal z varies more in some places than in others (brain anatomy from
     # patient to patient), and a raw distance calls the loose places unusual. 0 = raw distance.
     density_neighbours: int = 16
     density_radius_power: float = 0.5

@@ -166,13 +166,14 @@ class NormalDensity(nn.Module):
     `pool` x `pool` means of z's cells (a quarter of the search at 2), still against unpooled bank
     cells: a bank of pooled cells lost more.
 
-    With `neighbours` > 0 the voice measures the distance in units of the nearest bank cell's radius
-    (its mean distance to its `neighbours` nearest bank cells) to the power `power`: where normal z is
-    loose (brain anatomy from patient to patient, the grain of a tile) a raw distance flags normal
-    cells, where it is tight it misses faint defects. As a local outlier factor does, the radius
-    puts both on one scale (README, Results: the radius against the previous full bench). The nearest cell
-    is the raw distance's, so where two bank cells are equally near up to float rounding, a search
-    in another order (the exported graph's) may take the other's radius. `distance` stays raw.
+    With `neighbours` > 0 the voice measures distances in units of a bank cell's radius (its mean
+    distance to its `neighbours` nearest bank cells) to the power `power`, and takes the least over
+    the bank: where normal z is loose (brain anatomy from patient to patient, the grain of a tile) a
+    raw distance flags normal cells, where it is tight it misses faint defects. As a local outlier
+    factor does, the radius puts both on one scale (README, Results: the radius against the previous
+    full bench). The least over the bank, rather than the nearest cell's distance in its radius, is
+    continuous in the cell: every search order (the exported graph's too) gives it up to float
+    rounding. `distance` stays raw unless asked.
 
     With `lists` > 0 the bank is stored as an inverted file: split by k-means into lists, and a cell
     is compared with the cells of its `probe` nearest lists only (as in FAISS's IVF index). The nearest
@@ -266,26 +267,27 @@ class NormalDensity(nn.Module):
             getattr(self, f"{name}_loc").fill_(loc)
             getattr(self, f"{name}_top").fill_(top)
 
-    def distance(self, z: torch.Tensor) -> torch.Tensor:
+    def distance(self, z: torch.Tensor, scaled: bool = False) -> torch.Tensor:
         """B x C x g x g -> B x 1 x g/pool x g/pool Euclidean distance of pool x pool means of z cells
-        to the nearest bank cell."""
-        return self.nearest(z)[0]
-
-    def nearest(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`distance`, and the index of the bank cell it is measured to (B x 1 x g/pool x g/pool each)."""
+        to the nearest bank cell; `scaled` (with `neighbours`): the least, over bank cells, of the
+        distance in units of that cell's radius to the power `power`."""
+        weight = self.radius ** (-2 * self.power) if scaled and self.neighbours else None
         pooled = F.avg_pool2d(z, self.pool) if self.pool > 1 else z
         b, c, h, w = pooled.shape
         queries = pooled.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        queries_sq = (queries ** 2).sum(2)
         # A bank not fitted yet has no lists: it is searched whole, as a traced graph searches any bank.
         if self.probe and not torch.jit.is_tracing() and self.list_ends[-1] > 0:
-            best, index = (found.view(b, h * w) for found in self._probed_nearest_sq(queries.reshape(-1, c)))
+            best = self._probed_nearest_sq(queries.reshape(-1, c), queries_sq.flatten(), weight).view(b, h * w)
         else:
-            best, index = self._whole_nearest_sq(z, queries)
-        # |q|^2 is added after the minimum: it does not change which bank cell is nearest.
-        distance = (best + (queries ** 2).sum(2)).clamp_min(0).sqrt()
-        return distance.view(b, 1, h, w), index.view(b, 1, h, w)
+            best = self._whole_nearest_sq(z, queries, queries_sq, weight)
+        if weight is None:
+            # |q|^2 is added after the minimum: it does not change which bank cell is nearest.
+            best = best + queries_sq
+        return best.clamp_min(0).sqrt().view(b, 1, h, w)
 
-    def _whole_nearest_sq(self, z: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _whole_nearest_sq(self, z: torch.Tensor, queries: torch.Tensor, queries_sq: torch.Tensor,
+                          weight: torch.Tensor | None) -> torch.Tensor:
         """`_nearest_sq` over the whole bank for z's B x Q x C queries, through the lift where z has one."""
         b, _, c = queries.shape
         direct, coarse = queries[..., :c - self.lifted], None
@@ -295,43 +297,40 @@ class NormalDensity(nn.Module):
         # One image at a time, so each block of distances stays in cache; one batched pass when traced
         # for export, where a loop over the batch would freeze the batch size into the graph.
         if torch.jit.is_tracing():
-            return self._nearest_sq(direct, coarse)
-        found = [self._nearest_sq(d, None if coarse is None else coarse[i:i + 1]) for i, d in enumerate(direct.split(1))]
-        return torch.cat([best for best, _ in found]), torch.cat([index for _, index in found])
+            return self._nearest_sq(direct, coarse, queries_sq, weight)
+        return torch.cat([self._nearest_sq(d, None if coarse is None else coarse[i:i + 1], queries_sq[i:i + 1], weight)
+                          for i, d in enumerate(direct.split(1))])
 
-    def _nearest_sq(self, direct: torch.Tensor, coarse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """min over the bank of |bank|^2 - 2 q.bank for n x Q queries, and where it is taken, given by
-        their first channels (`direct`) and, with a lift, the coarse cells that make their other
-        channels; in bank chunks with a running minimum."""
+    def _nearest_sq(self, direct: torch.Tensor, coarse: torch.Tensor | None, queries_sq: torch.Tensor,
+                    weight: torch.Tensor | None) -> torch.Tensor:
+        """min over the bank of |bank|^2 - 2 q.bank for n x Q queries, or with a weight per bank cell
+        of weight (|q|^2 + |bank|^2 - 2 q.bank), given by their first channels (`direct`) and, with a
+        lift, the coarse cells that make their other channels; in bank chunks with a running minimum."""
         n, count, split = direct.shape
-        best = index = None
-        start = 0
-        for bank, bank_sq in zip(self.bank.chunk(self.chunks), self.bank_sq.chunk(self.chunks)):
-            k = bank.shape[0]
+        best = None
+        scales = [None] * self.chunks if weight is None else weight.chunk(self.chunks)
+        for bank, bank_sq, scale in zip(self.bank.chunk(self.chunks), self.bank_sq.chunk(self.chunks), scales):
             d = torch.addmm(bank_sq, direct.reshape(-1, split), bank[:, :split].T, alpha=-2)
             if coarse is not None:
                 d = self._add_lifted(d, coarse, bank[:, split:])
-            d, at = d.view(n, count, k).min(2)
-            at = at + start
-            if best is None:
-                best, index = d, at
-            else:
-                closer = d < best
-                best, index = torch.where(closer, d, best), torch.where(closer, at, index)
-            start += k
-        return best, index
+            d = d.view(n, count, -1)
+            if scale is not None:
+                d = (d + queries_sq.view(n, count, 1)) * scale
+            d = d.amin(2)
+            best = d if best is None else torch.minimum(best, d)
+        return best
 
-    def _probed_nearest_sq(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """min over the bank cells in each query's `probe` nearest lists of |bank|^2 - 2 q.bank, and
-        where it is taken, for Q x C queries: the (query, list) pairs are sorted by list, so each list
-        is one matrix product with the queries that probe it."""
+    def _probed_nearest_sq(self, queries: torch.Tensor, queries_sq: torch.Tensor,
+                           weight: torch.Tensor | None) -> torch.Tensor:
+        """`_nearest_sq` over the bank cells in each query's `probe` nearest lists, for Q x C queries:
+        the (query, list) pairs are sorted by list, so each list is one matrix product with the
+        queries that probe it."""
         centroids = self.centroids
         near = torch.addmm((centroids ** 2).sum(1), queries, centroids.T, alpha=-2)
         lists = near.topk(self.probe, largest=False, sorted=False).indices.flatten()
         order = lists.argsort()
         asking = order // self.probe  # the query of each (query, list) pair, in list order
         found = torch.full((len(order),), torch.inf, device=queries.device)
-        where = torch.zeros(len(order), dtype=torch.long, device=queries.device)
         counts = torch.bincount(lists, minlength=len(centroids)).tolist()
         ends = self.list_ends.tolist()
         start, pair = 0, 0
@@ -339,15 +338,14 @@ class NormalDensity(nn.Module):
             rows = slice(pair, pair + count)
             # k-means leaves a list empty when the bank has fewer distinct cells than lists (repeats).
             if count and end > start:
-                found[rows], at = torch.addmm(self.bank_sq[start:end], queries[asking[rows]], self.bank[start:end].T,
-                                              alpha=-2).min(1)
-                where[rows] = at + start
+                d = torch.addmm(self.bank_sq[start:end], queries[asking[rows]], self.bank[start:end].T, alpha=-2)
+                if weight is not None:
+                    d = d.add_(queries_sq[asking[rows], None]).mul_(weight[start:end])
+                found[rows] = d.amin(1)
             pair += count
             start = end
         # Back to (query, probed list) order, then the best of each query's lists.
-        best, slot = torch.empty_like(found).index_copy_(0, order, found).view(-1, self.probe).min(1)
-        index = torch.empty_like(where).index_copy_(0, order, where).view(-1, self.probe)
-        return best, index.gather(1, slot[:, None])[:, 0]
+        return torch.empty_like(found).index_copy_(0, order, found).view(-1, self.probe).amin(1)
 
     def _add_lifted(self, d: torch.Tensor, coarse: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
         """d - 2 (the lifted channels' dot products): taken on the coarse grid, then lifted along each axis."""
@@ -358,12 +356,9 @@ class NormalDensity(nn.Module):
         return torch.baddbmm(d.view(-1, grid, k), lift.expand(rows.shape[0], -1, -1), rows, alpha=-2)
 
     def forward(self, z: torch.Tensor, size: int) -> torch.Tensor:
-        """The prior's voice on a size x size grid: the log-distance of pooled z cells to the bank,
-        with `neighbours`, in units of the nearest bank cell's radius to the power `power`."""
-        distance, index = self.nearest(z)
-        if self.neighbours:
-            distance = distance / self.radius[index] ** self.power
-        return prior_voice(distance, size)
+        """The prior's voice on a size x size grid: the log of pooled z cells' `distance` to the bank,
+        scaled by the bank cells' radii where it has `neighbours`."""
+        return prior_voice(self.distance(z, scaled=True), size)
 
     def fuse(self, head_logits: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
         """The head's logits, or the prior's voice where it is the more unusual one, in head units.
