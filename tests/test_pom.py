@@ -143,7 +143,7 @@ def test_prior_measures_distances_in_radii_of_the_bank_cells():
     prior = density(z, 2)
     assert torch.allclose(prior, expected, atol=1e-5)
     assert (prior[0, 0, :, 0] > prior[0, 0, :, 1]).all()
-    # the least in radii, not the nearest cell's distance in its radius: a cell halfway between the
+    # the least in radii, not the nearest cell's distance in its radius: a cell between the
     # clusters is nearer the tight one but fewer radii from the loose one
     between = (tight.mean(0) * 0.6 + loose.mean(0) * 0.4)[None, :, None, None]
     to_bank = torch.cdist(between[:, :, 0, 0], density.bank)[0]
