@@ -117,13 +117,33 @@ def _folders(func):
               help="Sets calibration.target_fpr: the false-alarm rate on normal parts the thresholds aim for.")
 @click.option("--checkpoint-every", type=int, help="Sets train.checkpoint_every: steps between resumable checkpoints.")
 @click.option("--overwrite", is_flag=True, help="Replace a model already in the run folder.")
+@click.option("--seeds", help="Many runs: a run per seed (0,1,...) in OUT/<category>/seed-K.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Many runs: one after another here, or as tasks on a Ray cluster (pip install 'hdm[ray]'); "
+                   "giving it asks for many runs even of one category.")
+@click.option("--address", help="--engine ray: the cluster (auto, or HOST:PORT); none starts Ray on this machine.")
+@click.option("--cpus-per-fit", type=click.IntRange(min=1),
+              help="Many runs: CPUs each fit takes and torch threads it runs on [ray: 1; local: all].")
+@click.option("--gpus-per-fit", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="--engine ray: GPUs each fit takes (a fraction shares one); fits run on CUDA when > 0.")
 @_device
 @_quiet
 @_fail_cleanly
 def fit_command(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir, run, resume_run_path, config_file,
-                assignments, print_config, overwrite, device, precision, quiet, **shortcuts):
-    """Train on normal images only, then calibrate on the held-out ones."""
+                assignments, print_config, overwrite, seeds, engine, address, cpus_per_fit, gpus_per_fit, device,
+                precision, quiet, **shortcuts):
+    """Train on normal images only, then calibrate on the held-out ones.
+
+    Many runs at once: --category all (or a,b,c), --seeds or --engine fit and test every
+    (category, seed) into OUT/<category>[/seed-K] and write OUT/fits.md and OUT/fits.json; the same
+    command again skips finished runs and resumes interrupted ones."""
     log = None if quiet else _log
+    engine_given = click.get_current_context().get_parameter_source("engine") != click.core.ParameterSource.DEFAULT
+    if engine_given or seeds is not None or (category is not None and (category == "all" or "," in category)):
+        _fit_many(data, category, normal_dir, run, resume_run_path, overwrite, print_config, seeds, engine, address,
+                  cpus_per_fit, gpus_per_fit, device, precision, build_config(config_file, assignments, **shortcuts),
+                  shortcuts["seed"] is not None, log)
+        return
     if resume_run_path is not None:
         if run is not None or data is not None or normal_dir is not None or config_file or assignments:
             raise HDMInputError("--resume RUN takes its data and settings from the run: give no --out, data or settings")
@@ -139,6 +159,36 @@ def fit_command(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_
         raise HDMInputError("give --out RUN (a new run folder) or --resume RUN")
     source = data_source(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir)
     fit_run(config, source, run, overwrite, log=log, progress=not quiet, device=device, precision=precision)
+
+
+def _fit_many(data, category, normal_dir, runs, resume_run_path, overwrite, print_config, seeds, engine, address,
+              cpus, gpus, device, precision, config, config_seed_given, log) -> None:
+    import shlex
+
+    from ._fleet import fit_fleet
+
+    if data is None or category is None or runs is None:
+        raise HDMInputError("many runs need --data ROOT, --category all|a,b,c and --out RUNS")
+    if normal_dir is not None or resume_run_path is not None or overwrite or print_config:
+        raise HDMInputError("many runs take no --normal-dir, --resume, --overwrite or --print-config: "
+                            "run the same command again to resume")
+    if seeds is not None and config_seed_given:
+        raise HDMInputError("give --seed for one run or --seeds for many, not both")
+    if engine == "ray" and device != "auto":
+        raise HDMInputError("--engine ray places fits on CPUs, or on CUDA with --gpus-per-fit: give no --device")
+    if engine == "local" and (address is not None or gpus):
+        raise HDMInputError("--address and --gpus-per-fit are for --engine ray")
+    try:
+        seed_list = None if seeds is None else [int(s) for s in seeds.split(",")]
+    except ValueError:
+        raise HDMInputError(f"--seeds {seeds}: expected integers joined by commas, e.g. 0,1,2") from None
+    command = "hdm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    outcomes = fit_fleet(data, category, seed_list, runs, config, engine, address, cpus, gpus, device, precision,
+                         command, log or (lambda message: None))
+    failed = sum(o.state == "failed" for o in outcomes)
+    click.echo(f"fit: {len(outcomes) - failed} of {len(outcomes)} runs done; table in {runs / 'fits.md'}", err=True)
+    if failed:
+        sys.exit(1)
 
 
 @main.command("test")

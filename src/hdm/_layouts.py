@@ -89,6 +89,21 @@ def visa_samples(root: Path, category: str, split: str) -> list[Sample]:
     return samples
 
 
+def categories(root: Path) -> list[str]:
+    """Every category of a data root: VisA's objects, or the folders with a train split (MVTec-like)."""
+    table = root / "split_csv" / "1cls.csv"
+    if table.is_file():
+        with table.open(newline="") as handle:
+            found = sorted({row.get("object", "") for row in csv.DictReader(handle)} - {""})
+    elif root.is_dir():
+        found = sorted(p.name for p in root.iterdir() if (p / "train").is_dir())
+    else:
+        raise HDMInputError(f"{root}: data folder not found")
+    if not found:
+        raise HDMInputError(f"{root}: no categories in it (MVTec-like <category>/train folders or VisA's split_csv)")
+    return found
+
+
 @dataclass(frozen=True)
 class DataSource:
     """One dataset, whatever its layout; serialised into the run so `hdm test` finds it again."""

@@ -1,0 +1,79 @@
+"""Many runs at once on this machine (`--engine local`): the table, skipping finished runs, a bad
+category failing alone, and the options' one-line errors. The Ray engine: tests/test_cluster.py."""
+
+import json
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from hdm._cli import main
+from hdm._data import HDMInputError
+from hdm._layouts import categories
+from hdm._synthetic import CATEGORY, make_default_dataset
+
+
+def test_categories_of_mvtec_like_and_visa_roots(tmp_path):
+    for name in ("b", "a"):
+        (tmp_path / "mvtec" / name / "train" / "good").mkdir(parents=True)
+    (tmp_path / "mvtec" / "license_files").mkdir()
+    assert categories(tmp_path / "mvtec") == ["a", "b"]
+    (tmp_path / "visa" / "split_csv").mkdir(parents=True)
+    (tmp_path / "visa" / "split_csv" / "1cls.csv").write_text(
+        "object,split,label,image,mask\ncandle,train,normal,c/1.png,\npcb1,test,normal,p/1.png,\ncandle,test,normal,c/2.png,\n")
+    assert categories(tmp_path / "visa") == ["candle", "pcb1"]
+    with pytest.raises(HDMInputError, match="no categories"):
+        categories(tmp_path / "mvtec" / "a" / "train")
+    with pytest.raises(HDMInputError, match="not found"):
+        categories(tmp_path / "nowhere")
+
+
+def test_many_runs_fail_alone_skip_when_done_and_leave_one_table(tmp_path):
+    data = make_default_dataset(tmp_path / "data", n_train=6, n_test_good=3, n_per_defect=1, size=64)
+    (data / "empty" / "train" / "good").mkdir(parents=True)
+    out = tmp_path / "runs"
+    command = ["fit", "--data", str(data), "--category", "all", "--out", str(out), "--steps", "2",
+               "--batch-size", "4", "--image-size", "64"]
+    first = CliRunner().invoke(main, command)
+    assert first.exit_code == 1
+    assert f"fit: {CATEGORY} done" in first.output and "fit: empty failed: " in first.output
+    rows = {r["category"]: r for r in json.loads((out / "fits.json").read_text())["runs"]}
+    assert rows[CATEGORY]["state"] == "done" and rows[CATEGORY]["seed"] is None
+    assert 0 <= rows[CATEGORY]["metrics"]["pixel_aupro"] <= 1 and rows[CATEGORY]["fit_seconds"] > 0
+    assert rows["empty"]["state"] == "failed" and "no images found" in rows["empty"]["reason"]
+    assert (out / CATEGORY / "model.pt").is_file() and (out / CATEGORY / "report.html").is_file()
+    assert "| empty | – | failed |" in (out / "fits.md").read_text()
+
+    # A run fitted but not yet tested is tested; one tested is skipped.
+    (out / CATEGORY / "metrics.json").unlink()
+    again = CliRunner().invoke(main, [*command[:4], CATEGORY, *command[5:], "--engine", "local"])
+    assert again.exit_code == 0, again.output
+    assert json.loads((out / "fits.json").read_text())["runs"][0]["state"] == "done"
+    assert (out / CATEGORY / "metrics.json").is_file()
+    third = CliRunner().invoke(main, [*command[:4], CATEGORY, *command[5:], "--engine", "local"])
+    assert third.exit_code == 0 and f"fit: {CATEGORY} already done" in third.output
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--seeds", "0,x"], "--seeds 0,x: expected integers"),
+    (["--seeds", "0", "--seed", "1"], "not both"),
+    (["--category", "a,a"], "named twice"),
+    (["--category", "a,b", "--resume", "r"], "run the same command again to resume"),
+    (["--category", "a,b", "--address", "auto"], "for --engine ray"),
+    (["--engine", "ray", "--device", "cpu"], "give no --device"),
+])
+def test_bad_many_run_options_fail_in_one_line(tmp_path, options, message):
+    (tmp_path / "a" / "train" / "good").mkdir(parents=True)
+    command = ["fit", "--data", str(tmp_path), "--out", str(tmp_path / "runs")]
+    command += [] if "--category" in options else ["--category", "a"]
+    result = CliRunner().invoke(main, [*command, *options])
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_without_ray_the_ray_engine_asks_for_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
+    (tmp_path / "a" / "train" / "good").mkdir(parents=True)
+    result = CliRunner().invoke(main, ["fit", "--data", str(tmp_path), "--category", "a", "--out",
+                                       str(tmp_path / "runs"), "--engine", "ray"])
+    assert result.exit_code != 0 and "pip install 'hdm[ray]'" in result.output
