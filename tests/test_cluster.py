@@ -6,6 +6,7 @@ cluster's raylets."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,6 +53,10 @@ def fit(data: Path, out: Path, *options: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=ENV, timeout=600)
 
 
+def hdm(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([*HDM, *arguments], cwd=cwd, capture_output=True, text=True, env=ENV, timeout=600)
+
+
 def table(out: Path) -> dict[tuple[str, int], dict]:
     return {(r["category"], r["seed"]): r for r in json.loads((out / "fits.json").read_text())["runs"]}
 
@@ -84,19 +89,23 @@ def test_parallel_fits_equal_sequential_ones_and_bad_data_fails_alone(cluster, d
     assert {table(tmp_path / "ray")[(CATEGORY, s)]["state"] for s in (0, 1)} == {"skipped"}
 
 
-def _fit_workers(cluster) -> list[int]:
-    """Pids of this cluster's worker processes running a fit (named `ray::hdm fit ...` by Ray)."""
+def _children(cluster, title: str) -> list[int]:
+    """Pids of this cluster's worker processes whose title (`ray::<task or actor>`) holds `title`."""
     raylets = {node.all_processes["raylet"][0].process.pid for node in cluster.list_all_nodes()}
     found = []
     for entry in Path("/proc").iterdir():
         try:
             parent = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
-            title = (entry / "cmdline").read_bytes().decode(errors="replace")
+            name = (entry / "cmdline").read_bytes().decode(errors="replace")
         except (OSError, ValueError, IndexError):
             continue
-        if parent in raylets and title.startswith("ray::hdm fit"):
+        if parent in raylets and name.startswith("ray::") and title in name:
             found.append(int(entry.name))
     return found
+
+
+def _fit_workers(cluster) -> list[int]:
+    return _children(cluster, "ray::hdm fit")
 
 
 def test_a_fit_whose_worker_is_killed_resumes_and_every_run_finishes(cluster, data, tmp_path):
@@ -142,6 +151,94 @@ def test_nodes_that_cannot_see_the_data_stop_the_command_before_any_work(cluster
     finally:
         ray.shutdown()
     message = str(error.value)
-    assert message.startswith(f"{tmp_path}: run folders and data must be on storage every node sees")
+    assert message.startswith(f"{tmp_path}: outputs and inputs must be on storage every node sees, and node ")
     assert message.count(f"cannot see {tmp_path / 'absent'}") == 2 and "\n" not in message
     assert list(tmp_path.iterdir()) == []  # the marker file is gone
+
+
+def assert_same_scores(a: Path, b: Path) -> None:
+    """Two scores.csv files: the same images in the same order with the same decisions and masks, and
+    scores and probabilities equal up to float rounding (a batch made of other images may round the
+    last digit differently)."""
+    a, b = (f.read_text().splitlines() for f in (a, b))
+    assert len(a) == len(b) and a[0] == b[0]
+    for x, y in zip(a[1:], b[1:]):
+        x, y = x.split(","), y.split(",")
+        assert x[0] == y[0] and x[3:] == y[3:], (x, y)
+        assert abs(float(x[1]) - float(y[1])) <= 2e-6 and abs(float(x[2]) - float(y[2])) <= 2e-6, (x, y)
+
+
+@pytest.fixture(scope="module")
+def scored(data, tmp_path_factory):
+    """A tiny run, a folder of test images with one unreadable file, and `hdm predict`'s scores of it
+    on one thread (the actors' count)."""
+    root = tmp_path_factory.mktemp("inspect")
+    run = root / "run"
+    made = fit(data, run, "--category", CATEGORY, "--steps", "2", "--engine", "local")
+    assert made.returncode == 0, made.stderr[-2000:]
+    shutil.copytree(data / CATEGORY / "test", root / "images")
+    (root / "images" / "good" / "zz_unreadable.png").write_text("not an image")
+    plain = subprocess.run([*HDM, "predict", "--run", str(run / CATEGORY), "images", "--out", "plain", "--batch-size",
+                            "4", "-q"], cwd=root, capture_output=True, text=True, env={**ENV, "OMP_NUM_THREADS": "1"})
+    assert plain.returncode == 1 and "zz_unreadable.png" in plain.stderr
+    return root, run / CATEGORY
+
+
+def test_inspection_in_an_actor_pool_equals_hdm_predict_and_does_only_what_is_not_done(cluster, scored):
+    root, run = scored
+    assert hdm("index", "images", "--out", "images.parquet", cwd=root).returncode == 0
+    on_ray = ["predict", "--run", str(run), "images.parquet", "--out", "pool", "--batch-size", "4", "--engine", "ray",
+              "--address", cluster.address, "--actors", "2", "--cpus-per-actor", "1"]
+    first = hdm(*on_ray, cwd=root)
+    assert first.returncode == 1 and "zz_unreadable.png" in first.stderr  # listed, and the rest scored
+    assert_same_scores(root / "pool" / "scores.csv", root / "plain" / "scores.csv")
+    for name in ("crack/000_overlay.png", "good/000_mask.png"):
+        assert (root / "pool" / name).is_file()
+
+    # As if interrupted after three images: the job again scores only the other six.
+    from hdm._cluster import PARTS, _read_parts, _write_part
+
+    done = list(_read_parts(root / "pool").values())
+    assert len(done) == 9 and sum(bool(row["error"]) for row in done) == 1
+    shutil.rmtree(root / "pool" / PARTS)
+    _write_part(root / "pool", done[:3])
+    again = hdm(*on_ray, cwd=root)
+    assert "predict: 3 of 9 images already done; 6 to score" in again.stderr, again.stderr[-2000:]
+    assert_same_scores(root / "pool" / "scores.csv", root / "plain" / "scores.csv")
+    assert len(_read_parts(root / "pool")) == 9
+
+
+def test_inspection_with_onnx_runtime_in_the_actors(cluster, scored):
+    root, run = scored
+    assert hdm("export", "--run", str(run), "--out", "model.onnx", cwd=root).returncode == 0
+    plain = hdm("predict", "--model", "model.onnx", "images", "--out", "onnx-plain", cwd=root)
+    pooled = hdm("predict", "--model", "model.onnx", "images", "--out", "onnx-pool", "--engine", "ray", "--address",
+                 cluster.address, "--actors", "2", cwd=root)
+    assert plain.returncode == pooled.returncode == 1
+    assert len((root / "onnx-pool" / "scores.csv").read_text().splitlines()) == 9
+    assert_same_scores(root / "onnx-pool" / "scores.csv", root / "onnx-plain" / "scores.csv")
+
+
+def _actors(cluster) -> list[int]:
+    """Pids of this cluster's Ray Data actors (named `ray::MapWorker...` by Ray)."""
+    return _children(cluster, "MapWorker")
+
+
+def test_a_killed_actor_mid_inspection_still_scores_every_image_exactly_once(cluster, scored, tmp_path):
+    root, run = scored
+    images = sorted((root / "images" / "crack").parent.glob("*/0*.png"))
+    for i in range(40):
+        shutil.copy(images[i % len(images)], tmp_path / f"{i:03d}.png")
+    command = [*HDM, "predict", "--run", str(run), str(tmp_path), "--out", str(tmp_path / "out"), "--batch-size",
+               "2", "--engine", "ray", "--address", cluster.address, "--actors", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, text=True)
+    deadline = time.monotonic() + 300
+    while len(list((tmp_path / "out").glob("*_mask.png"))) < 4 or not _actors(cluster):
+        assert process.poll() is None, process.stderr.read()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(_actors(cluster)[0], signal.SIGKILL)
+    _, errors = process.communicate(timeout=600)
+    assert process.returncode == 0, errors[-2000:]
+    rows = (tmp_path / "out" / "scores.csv").read_text().splitlines()[1:]
+    assert sorted(row.split(",")[0] for row in rows) == sorted(str(p) for p in tmp_path.glob("*.png"))

@@ -3,6 +3,7 @@ category failing alone, and the options' one-line errors. The Ray engine: tests/
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -77,3 +78,32 @@ def test_without_ray_the_ray_engine_asks_for_the_extra(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["fit", "--data", str(tmp_path), "--category", "a", "--out",
                                        str(tmp_path / "runs"), "--engine", "ray"])
     assert result.exit_code != 0 and "pip install 'hdm[ray]'" in result.output
+
+
+def test_manifests_round_trip_and_default_their_output_names(tmp_path):
+    from hdm._predict import Target, read_manifest, resolve_targets, write_manifest
+
+    targets = [Target(tmp_path / "a" / "1.png", Path("a/1")), Target(tmp_path / "b.jpg", Path("b"))]
+    for name in ("m.csv", "m.parquet"):
+        write_manifest(targets, tmp_path / name)
+        assert read_manifest(tmp_path / name) == targets
+        assert resolve_targets([tmp_path / name]) == targets
+    (tmp_path / "paths.csv").write_text("path\n/data/line 1/x.png\nrel/y.tif\n")
+    assert [str(t.relative) for t in read_manifest(tmp_path / "paths.csv")] == ["data/line 1/x", "rel/y"]
+    (tmp_path / "bad.csv").write_text("file\nx.png\n")
+    with pytest.raises(HDMInputError, match="bad.csv: a manifest needs a 'path' column"):
+        read_manifest(tmp_path / "bad.csv")
+    with pytest.raises(HDMInputError, match="a manifest is a .csv or .parquet file"):
+        write_manifest(targets, tmp_path / "m.txt")
+    (tmp_path / "broken.parquet").write_text("not parquet")
+    with pytest.raises(HDMInputError, match="broken.parquet: not a readable Parquet manifest"):
+        read_manifest(tmp_path / "broken.parquet")
+
+
+def test_index_writes_the_names_predict_would_use(tmp_path):
+    data = make_default_dataset(tmp_path / "data", n_train=2, n_test_good=1, n_per_defect=1, size=32)
+    test = data / CATEGORY / "test"
+    result = CliRunner().invoke(main, ["index", str(test), "--out", str(tmp_path / "paths.csv")])
+    assert result.exit_code == 0 and "index: 6 images" in result.output
+    rows = (tmp_path / "paths.csv").read_text().splitlines()
+    assert rows[0] == "path,output" and f"{test / 'crack' / '000.png'},crack/000" in rows

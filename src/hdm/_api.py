@@ -17,10 +17,10 @@ import torch
 
 from ._config import HDMConfig, resolve
 from ._data import HDMInputError, Sample, iter_batches, list_images, resize_image, to_uint8
-from ._device import device_of, place
+from ._device import device_of
 from ._model import to_model_input
-from ._predict import resize_map
-from ._runs import MODEL_FILE, Run, data_source, fit_run, resume_run, test_run
+from ._predict import load_detector, resize_map
+from ._runs import Run, data_source, fit_run, resume_run, test_run
 
 ImageInput = Union[str, Path, np.ndarray]  # and PIL images, read through np.asarray
 
@@ -180,19 +180,4 @@ def test(run: str | Path, data: str | Path | None = None, category: str | None =
 def load(path: str | Path, device: str = "auto", precision: str = "fp32") -> Detector:
     """A run folder (or its model.pt) on `device` in `precision`, or an exported .onnx file (run by
     onnxruntime on the CPU) -> a calibrated `Detector`."""
-    path = Path(path)
-    if path.suffix.lower() == ".onnx":
-        from ._export import OnnxDetector
-
-        if not path.is_file():
-            raise HDMInputError(f"{path}: model file not found")
-        return Detector(OnnxDetector(path), path)
-    from ._store import load_model
-
-    checkpoint = path / MODEL_FILE if path.is_dir() else path
-    if not checkpoint.is_file():
-        raise HDMInputError(f"{path}: neither a run folder with {MODEL_FILE} nor a model file")
-    model, _ = load_model(checkpoint)
-    if not model.calibration.fitted:
-        raise HDMInputError(f"{checkpoint}: the model has no calibration (it was not made by `hdm fit`)")
-    return Detector(place(model, device, precision), path)
+    return Detector(load_detector(Path(path), device, precision), Path(path))

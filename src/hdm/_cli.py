@@ -215,32 +215,47 @@ def test_command(run, data, category, normal_dir, abnormal_dir, mask_dir, normal
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (default RUN/predictions, or beside the .onnx file).")
 @click.option("--save-maps", is_flag=True, help="Also write each raw anomaly map as float32 .npy at the image's size.")
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: score in a pool of actors on a Ray cluster (pip install 'hdm[ray]').")
+@click.option("--address", help="--engine ray: the cluster (auto, or HOST:PORT); none starts Ray on this machine.")
+@click.option("--actors", type=click.IntRange(min=1), default=1, show_default=True,
+              help="--engine ray: actors in the pool, each with its own copy of the model.")
+@click.option("--cpus-per-actor", type=click.IntRange(min=1), default=1, show_default=True,
+              help="--engine ray: CPUs each actor takes (and torch or onnxruntime threads it runs).")
+@click.option("--gpus-per-actor", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="--engine ray: GPUs each actor takes; a run's model then runs on CUDA.")
 @_device
 @_quiet
 @_fail_cleanly
-def predict_command(run, onnx_model, paths, out, save_maps, batch_size, device, precision, quiet):
-    """Score images (files or folders): overlays, masks, scores.csv. An .onnx model runs on the CPU."""
-    from ._predict import predict_paths
+def predict_command(run, onnx_model, paths, out, save_maps, batch_size, engine, address, actors, cpus_per_actor,
+                    gpus_per_actor, device, precision, quiet):
+    """Score images (files, folders or manifests made by `hdm index`): overlays, masks, scores.csv.
+    An .onnx model runs on the CPU. With --engine ray, a job run again scores only the images not yet done."""
+    from ._predict import load_detector, predict_paths, resolve_targets
 
     if (run is None) == (onnx_model is None):
         raise HDMInputError("give exactly one of --run RUN or --model MODEL.onnx")
-    if batch_size < 1:
-        raise HDMInputError(f"--batch-size must be at least 1, not {batch_size}")
-    if onnx_model is not None:
-        from ._export import OnnxDetector
+    model_path = onnx_model or run
+    out = out or (onnx_model.parent if onnx_model else run) / "predictions"
+    if engine == "ray":
+        from . import _cluster
 
-        if not onnx_model.is_file():
-            raise HDMInputError(f"{onnx_model}: model file not found")
-        model = OnnxDetector(onnx_model)
-        out = out or onnx_model.parent / "predictions"
+        if device != "auto" or precision != "fp32":
+            raise HDMInputError("--engine ray places actors on CPUs, or on CUDA with --gpus-per-actor: "
+                                "give no --device or --precision")
+        targets = resolve_targets(list(paths))
+        load_detector(model_path)  # a bad model is one line here, not an error in every actor
+        _cluster.connect(address)
+        out.mkdir(parents=True, exist_ok=True)
+        _cluster.check_shared_storage(out.resolve(), model_path.resolve(), *(p.resolve() for p in paths))
+        rows, errors = _cluster.predict(model_path.resolve(), targets, out.resolve(), save_maps, batch_size, actors,
+                                        cpus_per_actor, gpus_per_actor, _log if not quiet else lambda message: None)
     else:
-        from ._device import place
-        from ._store import load_model
-
-        model = place(load_model(run / MODEL_FILE)[0], device, precision)
-        out = out or run / "predictions"
-    rows, errors = predict_paths(model, list(paths), out, save_maps, batch_size, progress=not quiet)
+        if address is not None or gpus_per_actor:
+            raise HDMInputError("--address and --gpus-per-actor are for --engine ray")
+        model = load_detector(model_path, device, precision)
+        rows, errors = predict_paths(model, list(paths), out, save_maps, batch_size, progress=not quiet)
     flagged = sum(r["decision"] == "defect" for r in rows)
     if not quiet:
         click.echo(f"predict: {len(rows)} images, {flagged} flagged as defective; outputs in {out}", err=True)
@@ -249,6 +264,21 @@ def predict_command(run, onnx_model, paths, out, save_maps, batch_size, device, 
         for error in errors:
             click.echo(f"  {error}", err=True)
         sys.exit(1)
+
+
+@main.command("index")
+@click.argument("roots", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="The manifest to write: .csv, or .parquet (needs pyarrow, in hdm[ray]).")
+@_fail_cleanly
+def index_command(roots, out):
+    """List every image below ROOTS into a manifest that `hdm predict` takes: one row per image, its
+    path and its output name, as `hdm predict ROOTS...` would name it."""
+    from ._predict import resolve_targets, write_manifest
+
+    targets = resolve_targets(list(roots))
+    write_manifest(targets, out)
+    click.echo(f"index: {len(targets)} images in {out}", err=True)
 
 
 @main.command("export")

@@ -1,19 +1,28 @@
-"""hdm on a Ray cluster (the optional extra `hdm[ray]`): many fits as Ray tasks.
+"""hdm on a Ray cluster (the optional extra `hdm[ray]`): many fits as Ray tasks, and inspection in a
+pool of actors through Ray Data.
 
 Ray places the work and retries a task whose worker died; what a run still needs is read from its
 folder (`_fleet.fit_and_test`), so a retried fit resumes from its last training-state checkpoint.
-That only works if every node sees the same run folders and data, which is checked before any work.
+Inspection keeps what is done in score shards beside the outputs, so a job run again scores only the
+images not yet done. Both need every node to see the same folders, which is checked before any work.
 """
 
 from __future__ import annotations
 
+import csv
+import os
+import time
 import uuid
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from ._config import HDMConfig
 from ._data import HDMInputError
 from ._fleet import FitJob, FitOutcome, fit_and_test
+from ._predict import SCORE_COLUMNS, Target, csv_bytes, load_detector, score_targets, write_scores
+from ._store import write_bytes_atomic
 
 # A worker that dies (killed, node lost, out of memory) costs its task a retry; a run that fails by
 # itself (bad data) returns a failed outcome instead and is never retried.
@@ -59,24 +68,21 @@ def _answers(address: str) -> None:
         raise HDMInputError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc})") from None
 
 
-def _unseen(marker: str, token: str, data: str) -> str | None:
-    """What this node cannot see of the run folder and the data, or None (runs on each node)."""
+def _unseen(marker: str, token: str, data: list[str]) -> str | None:
+    """What this node cannot see of the output folder and the inputs, or None (runs on each node)."""
     try:
         if Path(marker).read_text() != token:
             return f"sees another {Path(marker).parent}"
     except OSError:
         return f"cannot read {Path(marker).parent}"
-    if not Path(data).is_dir():
-        return f"cannot see {data}"
-    return None
+    missing = [path for path in data if not Path(path).exists()]
+    return f"cannot see {', '.join(missing)}" if missing else None
 
 
-def check_shared_storage(runs: Path, data: Path) -> None:
-    """Every live node must read a file the driver just wrote into `runs` and see `data`; one line
-    naming the nodes that do not, before any work."""
+def check_shared_storage(runs: Path, *data: Path) -> None:
+    """Every live node must read a file the driver just wrote into the output folder `runs` and see
+    each of `data`; one line naming the nodes that do not, before any work."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from ._store import write_bytes_atomic
 
     ray = _ray()
     token = uuid.uuid4().hex
@@ -88,14 +94,14 @@ def check_shared_storage(runs: Path, data: Path) -> None:
         for node in (n for n in ray.nodes() if n["Alive"]):
             on_node = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
             where = f"node {node['NodeManagerAddress']} ({node['NodeID'][:8]})"
-            answers[where] = probe.options(scheduling_strategy=on_node).remote(str(marker), token, str(data))
+            answers[where] = probe.options(scheduling_strategy=on_node).remote(str(marker), token, [str(d) for d in data])
         ready, _ = ray.wait(list(answers.values()), num_returns=len(answers), timeout=ANSWER_SECONDS)
         problems = [f"{where} {ray.get(ref) if ref in ready else 'did not answer'}"
                     for where, ref in answers.items() if ref not in ready or ray.get(ref)]
     finally:
         marker.unlink(missing_ok=True)
     if problems:
-        raise HDMInputError(f"{runs}: run folders and data must be on storage every node sees, and "
+        raise HDMInputError(f"{runs}: outputs and inputs must be on storage every node sees, and "
                             + "; ".join(problems))
 
 
@@ -120,3 +126,84 @@ def run_fits(jobs: list[FitJob], config: HDMConfig, precision: str, cpus: int, g
         outcomes.append(outcome)
         on_done(outcome)
     return outcomes
+
+
+PARTS = "scores-parts"  # below the output folder: one CSV shard per stretch of finished images
+PART_ROWS, PART_SECONDS = 1000, 30.0  # a shard is written at whichever comes first
+PART_COLUMNS = [*SCORE_COLUMNS, "error"]
+
+
+class Scorer:
+    """An actor of the pool: loads the model once, then decodes, scores and writes the outputs of
+    batches of images with hdm's own loader and writers, as `hdm predict` does."""
+
+    def __init__(self, model: str, out: str, save_maps: bool, threads: int, device: str):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.model = load_detector(Path(model), device, threads=threads)
+        self.out, self.save_maps = Path(out), save_maps
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        targets = [Target(Path(p), Path(o)) for p, o in zip(batch["path"], batch["output"])]
+        rows, errors = score_targets(self.model, targets, self.out, self.save_maps, len(targets), progress=False)
+        rows = [{**row, "error": ""} for row in rows]
+        rows += [{**{c: "" for c in SCORE_COLUMNS}, "path": path, "error": reason} for path, reason in errors]
+        return {c: np.array([str(row[c]) for row in rows], dtype=object) for c in PART_COLUMNS}
+
+
+def _read_parts(out: Path) -> dict[str, dict]:
+    """Every image a shard holds, by path (a later shard wins: a retried batch may be there twice)."""
+    done: dict[str, dict] = {}
+    for part in sorted((out / PARTS).glob("part-*.csv")):
+        with part.open(newline="") as handle:
+            done.update((row["path"], row) for row in csv.DictReader(handle))
+    return done
+
+
+def _write_part(out: Path, rows: list[dict]) -> None:
+    name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.csv"
+    write_bytes_atomic(out / PARTS / name, csv_bytes({c: [row[c] for row in rows] for c in PART_COLUMNS}))
+
+
+def predict(model: Path, targets: list[Target], out: Path, save_maps: bool, batch_size: int, actors: int,
+            cpus: int, gpus: float, log: Callable[[str], None]) -> tuple[list[dict], list[str]]:
+    """Score the targets not yet in `out`'s shards in a pool of `actors` actors (`cpus` CPUs and torch or
+    onnxruntime threads, `gpus` GPUs each), shard the scores as they arrive, then merge every shard into
+    `out/scores.csv` in the targets' order; returns its rows and the unreadable files' reasons."""
+    import logging
+
+    ray = _ray()
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    # Actors on other nodes have other working folders: they get absolute paths, shown as given at the end.
+    absolute = [os.path.abspath(t.source) for t in targets]
+    done = _read_parts(out)
+    todo = [(a, t) for a, t in zip(absolute, targets) if a not in done]
+    log(f"predict: {len(targets) - len(todo)} of {len(targets)} images already done; {len(todo)} to score "
+        f"in {actors} actors")
+    if todo:
+        import pyarrow
+
+        table = pyarrow.table({"path": [a for a, _ in todo], "output": [str(t.relative) for _, t in todo]})
+        blocks = max(actors, min(len(todo) // batch_size, 32 * actors))
+        scored = ray.data.from_arrow(table, override_num_blocks=blocks).map_batches(
+            Scorer, fn_constructor_kwargs={"model": str(model), "out": str(out), "save_maps": save_maps,
+                                           "threads": cpus, "device": "cuda" if gpus else "cpu"},
+            batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=cpus, num_gpus=gpus)
+        pending, flushed = [], time.monotonic()
+        for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+            pending += [dict(zip(PART_COLUMNS, values)) for values in zip(*(batch[c] for c in PART_COLUMNS))]
+            if len(pending) >= PART_ROWS or time.monotonic() - flushed > PART_SECONDS:
+                _write_part(out, pending)
+                done.update((row["path"], row) for row in pending)
+                log(f"predict: {len(done)} of {len(targets)} images done")
+                pending, flushed = [], time.monotonic()
+        if pending:
+            _write_part(out, pending)
+            done.update((row["path"], row) for row in pending)
+    ordered = [{**done[a], "path": str(t.source)} for a, t in zip(absolute, targets)]
+    rows = [{c: row[c] for c in SCORE_COLUMNS} for row in ordered if not row["error"]]
+    write_scores(out / "scores.csv", rows)
+    return rows, [row["error"] for row in ordered if row["error"]]

@@ -59,11 +59,14 @@ def export_onnx(model: HDM, path: Path) -> None:
 class OnnxDetector:
     """Runs an exported graph with onnxruntime; called like `HDM` (float images in [0, 1])."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, threads: int | None = None):
         import onnxruntime
 
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
         try:
-            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
             raise HDMInputError(f"{path}: not a loadable ONNX model ({exc.__class__.__name__})") from None
         shape = self.session.get_inputs()[0].shape
