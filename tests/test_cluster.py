@@ -201,7 +201,7 @@ def test_inspection_in_an_actor_pool_equals_hdm_predict_and_does_only_what_is_no
     done = list(_read_parts(root / "pool").values())
     assert len(done) == 9 and sum(bool(row["error"]) for row in done) == 1
     shutil.rmtree(root / "pool" / PARTS)
-    _write_part(root / "pool", done[:3])
+    _write_part(root / "pool", done[:3], {})
     again = hdm(*on_ray, cwd=root)
     assert "predict: 3 of 9 images already done; 6 to score" in again.stderr, again.stderr[-2000:]
     assert_same_scores(root / "pool" / "scores.csv", root / "plain" / "scores.csv")

@@ -20,7 +20,7 @@ import numpy as np
 
 from ._config import HDMConfig
 from ._data import HDMInputError
-from ._fleet import FitJob, FitOutcome, fit_and_test
+from ._fleet import FitJob, FitOutcome, fit_and_test, one_line
 from ._predict import SCORE_COLUMNS, Target, csv_bytes, load_detector, score_targets, write_scores
 from ._store import write_bytes_atomic
 
@@ -106,15 +106,14 @@ def check_shared_storage(runs: Path, *data: Path) -> None:
 
 
 def run_fits(jobs: list[FitJob], config: HDMConfig, precision: str, cpus: int, gpus: float,
-             on_done: Callable[[FitOutcome], None]) -> list[FitOutcome]:
-    """One Ray task per job (`cpus` CPUs, torch on as many threads, and `gpus` GPUs each), reported as
-    each finishes."""
+             on_done: Callable[[FitOutcome], None]) -> None:
+    """One Ray task per job (`cpus` CPUs, torch on as many threads, and `gpus` GPUs each), each outcome
+    handed to `on_done` as it finishes."""
     ray = _ray()
     task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=RETRIES)(fit_and_test)
     device = "cuda" if gpus else "cpu"
     pending = {task.options(name=f"hdm fit {job.name}").remote(job, config, device, precision, cpus): job
                for job in jobs}
-    outcomes = []
     while pending:
         (ref,), _ = ray.wait(list(pending), num_returns=1)
         job = pending.pop(ref)
@@ -122,10 +121,8 @@ def run_fits(jobs: list[FitJob], config: HDMConfig, precision: str, cpus: int, g
             outcome = ray.get(ref)
         except ray.exceptions.RayError as exc:
             outcome = FitOutcome(job.category, job.seed, str(job.run), "failed",
-                                 f"lost to the cluster after {RETRIES} retries: {str(exc).strip().splitlines()[0]}")
-        outcomes.append(outcome)
+                                 f"lost to the cluster after {RETRIES} retries: {one_line(exc)}")
         on_done(outcome)
-    return outcomes
 
 
 PARTS = "scores-parts"  # below the output folder: one CSV shard per stretch of finished images
@@ -161,9 +158,11 @@ def _read_parts(out: Path) -> dict[str, dict]:
     return done
 
 
-def _write_part(out: Path, rows: list[dict]) -> None:
+def _write_part(out: Path, rows: list[dict], done: dict[str, dict]) -> None:
+    """A new shard of `rows`, which then count as done."""
     name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.csv"
     write_bytes_atomic(out / PARTS / name, csv_bytes({c: [row[c] for row in rows] for c in PART_COLUMNS}))
+    done.update((row["path"], row) for row in rows)
 
 
 def predict(model: Path, targets: list[Target], out: Path, save_maps: bool, batch_size: int, actors: int,
@@ -196,13 +195,11 @@ def predict(model: Path, targets: list[Target], out: Path, save_maps: bool, batc
         for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
             pending += [dict(zip(PART_COLUMNS, values)) for values in zip(*(batch[c] for c in PART_COLUMNS))]
             if len(pending) >= PART_ROWS or time.monotonic() - flushed > PART_SECONDS:
-                _write_part(out, pending)
-                done.update((row["path"], row) for row in pending)
+                _write_part(out, pending, done)
                 log(f"predict: {len(done)} of {len(targets)} images done")
                 pending, flushed = [], time.monotonic()
         if pending:
-            _write_part(out, pending)
-            done.update((row["path"], row) for row in pending)
+            _write_part(out, pending, done)
     ordered = [{**done[a], "path": str(t.source)} for a, t in zip(absolute, targets)]
     rows = [{c: row[c] for c in SCORE_COLUMNS} for row in ordered if not row["error"]]
     write_scores(out / "scores.csv", rows)

@@ -64,7 +64,7 @@ def plan(root: Path, categories: list[str], seeds: list[int] | None, runs: Path)
     return [FitJob(root, c, s, runs / c / f"seed-{s}") for c in categories for s in seeds]
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
@@ -99,7 +99,7 @@ def fit_and_test(job: FitJob, config: HDMConfig, device: str = "cpu", precision:
         outcome.metrics = {k: metrics[k] for k in METRIC_KEYS}
         outcome.fit_seconds = _fit_seconds(run)
     except Exception as exc:  # a run's failure, whatever it is, is its row; the others go on
-        outcome.state, outcome.reason = "failed", _one_line(exc)
+        outcome.state, outcome.reason = "failed", one_line(exc)
     return outcome
 
 
