@@ -89,6 +89,15 @@ def test_parallel_fits_equal_sequential_ones_and_bad_data_fails_alone(cluster, d
     assert {table(tmp_path / "ray")[(CATEGORY, s)]["state"] for s in (0, 1)} == {"skipped"}
 
 
+def wait_while_running(process: subprocess.Popen, ready) -> None:
+    """Poll until `ready()` while `process` still runs (5 minutes at most)."""
+    deadline = time.monotonic() + 300
+    while not ready():
+        assert process.poll() is None, process.stderr.read()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 def _children(cluster, title: str) -> list[int]:
     """Pids of this cluster's worker processes whose title (`ray::<task or actor>`) holds `title`."""
     raylets = {node.all_processes["raylet"][0].process.pid for node in cluster.list_all_nodes()}
@@ -114,11 +123,7 @@ def test_a_fit_whose_worker_is_killed_resumes_and_every_run_finishes(cluster, da
                "0,1", "--steps", "150", "--checkpoint-every", "10", "--engine", "ray", "--address", cluster.address]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, text=True)
     states = [out / CATEGORY / f"seed-{s}" / "training_state.pt" for s in (0, 1)]
-    deadline = time.monotonic() + 300
-    while not any(s.exists() for s in states) or not _fit_workers(cluster):
-        assert process.poll() is None, process.stderr.read()[-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_while_running(process, lambda: any(s.exists() for s in states) and _fit_workers(cluster))
     victim = _fit_workers(cluster)[0]
     os.kill(victim, signal.SIGKILL)
     _, errors = process.communicate(timeout=600)
@@ -131,6 +136,34 @@ def test_a_fit_whose_worker_is_killed_resumes_and_every_run_finishes(cluster, da
         assert not (run / "training_state.pt").exists()
     assert victim not in _fit_workers(cluster)
 
+
+def test_a_data_parallel_fit_on_two_ray_train_workers_restarts_after_a_worker_is_killed(cluster, data, tmp_path):
+    options = ["--category", CATEGORY, "--steps", "120", "--checkpoint-every", "10", "--seed", "3", "--holdout", "0.25",
+               "--batch-size", "4", "--image-size", "64", "-q"]
+    run = tmp_path / "ray"
+    process = subprocess.Popen([*HDM, "fit", "--data", str(data), "--out", str(run), *options, "--engine", "ray",
+                                "--workers", "2", "--cpus-per-fit", "1", "--address", cluster.address],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, text=True)
+    wait_while_running(process, lambda: list((run / "ray-train").glob("checkpoint_*/training_state.pt"))
+                       and len(_train_workers(cluster)) == 2)
+    victim = _train_workers(cluster)[1]
+    os.kill(victim, signal.SIGKILL)
+    _, errors = process.communicate(timeout=600)
+    assert process.returncode == 0, errors[-2000:]
+    assert (run / "model.pt").is_file() and not (run / "ray-train").exists()
+    assert victim not in _train_workers(cluster)
+
+    # The same loop under torchrun, uninterrupted, makes the same model.
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "hdm"]
+    plain = subprocess.run([*torchrun, "fit", "--data", str(data), "--out", str(tmp_path / "torchrun"), *options],
+                           capture_output=True, text=True, env={**ENV, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    a, b = weights(run), weights(tmp_path / "torchrun")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _train_workers(cluster) -> list[int]:
+    return _children(cluster, "ray::RayTrainWorker")
 
 
 def test_an_address_where_no_cluster_answers_is_one_line_at_once(data, tmp_path):
@@ -232,11 +265,7 @@ def test_a_killed_actor_mid_inspection_still_scores_every_image_exactly_once(clu
     command = [*HDM, "predict", "--run", str(run), str(tmp_path), "--out", str(tmp_path / "out"), "--batch-size",
                "2", "--engine", "ray", "--address", cluster.address, "--actors", "2"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV, text=True)
-    deadline = time.monotonic() + 300
-    while len(list((tmp_path / "out").glob("*_mask.png"))) < 4 or not _actors(cluster):
-        assert process.poll() is None, process.stderr.read()[-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_while_running(process, lambda: len(list((tmp_path / "out").glob("*_mask.png"))) >= 4 and _actors(cluster))
     os.kill(_actors(cluster)[0], signal.SIGKILL)
     _, errors = process.communicate(timeout=600)
     assert process.returncode == 0, errors[-2000:]

@@ -62,6 +62,9 @@ def test_many_runs_fail_alone_skip_when_done_and_leave_one_table(tmp_path):
     (["--category", "a,b", "--resume", "r"], "run the same command again to resume"),
     (["--category", "a,b", "--address", "auto"], "for --engine ray"),
     (["--engine", "ray", "--device", "cpu"], "give no --device"),
+    (["--workers", "2"], "--workers trains one run on a Ray cluster: give --engine ray"),
+    (["--workers", "2", "--engine", "ray", "--category", "all"], "one --category"),
+    (["--workers", "2", "--engine", "ray", "--device", "cpu"], "no --device"),
 ])
 def test_bad_many_run_options_fail_in_one_line(tmp_path, options, message):
     (tmp_path / "a" / "train" / "good").mkdir(parents=True)

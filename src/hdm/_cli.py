@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 from pathlib import Path
@@ -126,18 +127,35 @@ def _folders(func):
               help="Many runs: CPUs each fit takes and torch threads it runs on [ray: 1; local: all].")
 @click.option("--gpus-per-fit", type=click.FloatRange(min=0), default=0, show_default=True,
               help="--engine ray: GPUs each fit takes (a fraction shares one); fits run on CUDA when > 0.")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="--engine ray: train this one run data-parallel on N Ray Train workers "
+                   "(--cpus-per-fit and --gpus-per-fit then apply to each worker).")
 @_device
 @_quiet
 @_fail_cleanly
 def fit_command(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir, run, resume_run_path, config_file,
-                assignments, print_config, overwrite, seeds, engine, address, cpus_per_fit, gpus_per_fit, device,
-                precision, quiet, **shortcuts):
+                assignments, print_config, overwrite, seeds, engine, address, cpus_per_fit, gpus_per_fit, workers,
+                device, precision, quiet, **shortcuts):
     """Train on normal images only, then calibrate on the held-out ones.
 
     Many runs at once: --category all (or a,b,c), --seeds or --engine fit and test every
     (category, seed) into OUT/<category>[/seed-K] and write OUT/fits.md and OUT/fits.json; the same
-    command again skips finished runs and resumes interrupted ones."""
+    command again skips finished runs and resumes interrupted ones.
+
+    One large run data-parallel: --engine ray --workers N on a Ray cluster, or this command under
+    torchrun (torchrun --nproc-per-node N -m hdm fit ...)."""
+    quiet = quiet or int(os.environ.get("RANK", "0")) > 0  # under torchrun, rank 0 speaks for all
     log = None if quiet else _log
+    if workers is not None:
+        if engine != "ray" or seeds is not None or data is None or category in ("all", None) or "," in category:
+            raise HDMInputError("--workers trains one run on a Ray cluster: give --engine ray, --data ROOT, one "
+                                "--category and no --seeds (under torchrun, run plain `hdm fit`)")
+        if resume_run_path is not None or device != "auto" or run is None:
+            raise HDMInputError("--workers takes --out RUN, no --resume (run the same command again) and no --device "
+                                "(--gpus-per-fit places it on CUDA)")
+        _fit_parallel(data, category, run, build_config(config_file, assignments, **shortcuts),
+                      workers, cpus_per_fit or 1, gpus_per_fit, address, precision, overwrite, log)
+        return
     engine_given = click.get_current_context().get_parameter_source("engine") != click.core.ParameterSource.DEFAULT
     if engine_given or seeds is not None or (category is not None and (category == "all" or "," in category)):
         _fit_many(data, category, normal_dir, run, resume_run_path, overwrite, print_config, seeds, engine, address,
@@ -159,6 +177,23 @@ def fit_command(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_
         raise HDMInputError("give --out RUN (a new run folder) or --resume RUN")
     source = data_source(data, category, normal_dir, abnormal_dir, mask_dir, normal_test_dir)
     fit_run(config, source, run, overwrite, log=log, progress=not quiet, device=device, precision=precision)
+
+
+def _fit_parallel(data, category, run, config, workers, cpus, gpus, address, precision, overwrite, log) -> None:
+    from . import _cluster
+    from ._store import load_model
+
+    source = data_source(data, category)
+    _cluster.connect(address)
+    run.mkdir(parents=True, exist_ok=True)
+    _cluster.check_shared_storage(run.resolve(), data.resolve())
+    if log:
+        log(f"fit: {run} on {workers} Ray Train workers ({cpus} CPUs{f', {gpus} GPUs' if gpus else ''} each)")
+    _cluster.train_parallel(config, source, run, workers, cpus, gpus, precision, overwrite)
+    calibration = load_model(run / MODEL_FILE)[1]["calibration"]
+    if log:
+        log(f"fit: done, model saved to {run / MODEL_FILE}; image threshold {calibration['image_threshold']:.4f}, "
+            f"pixel threshold {calibration['pixel_threshold']:.4f}")
 
 
 def _fit_many(data, category, normal_dir, runs, resume_run_path, overwrite, print_config, seeds, engine, address,

@@ -1,16 +1,20 @@
-"""hdm on a Ray cluster (the optional extra `hdm[ray]`): many fits as Ray tasks, and inspection in a
-pool of actors through Ray Data.
+"""hdm on a Ray cluster (the optional extra `hdm[ray]`): many fits as Ray tasks, one large fit
+data-parallel through Ray Train, and inspection in a pool of actors through Ray Data.
 
 Ray places the work and retries a task whose worker died; what a run still needs is read from its
 folder (`_fleet.fit_and_test`), so a retried fit resumes from its last training-state checkpoint.
-Inspection keeps what is done in score shards beside the outputs, so a job run again scores only the
-images not yet done. Both need every node to see the same folders, which is checked before any work.
+A data-parallel fit keeps its training state in Ray Train's storage inside the run folder, so a
+killed worker (or the same command run again) restarts it from the last checkpoint. Inspection keeps
+what is done in score shards beside the outputs, so a job run again scores only the images not yet
+done. All need every node to see the same folders, which is checked before any work.
 """
 
 from __future__ import annotations
 
 import csv
 import os
+import shutil
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -21,6 +25,7 @@ import numpy as np
 from ._config import HDMConfig
 from ._data import HDMInputError
 from ._fleet import FitJob, FitOutcome, fit_and_test, one_line
+from ._layouts import DataSource
 from ._predict import SCORE_COLUMNS, Target, csv_bytes, load_detector, score_targets, write_scores
 from ._store import write_bytes_atomic
 
@@ -123,6 +128,78 @@ def run_fits(jobs: list[FitJob], config: HDMConfig, precision: str, cpus: int, g
             outcome = FitOutcome(job.category, job.seed, str(job.run), "failed",
                                  f"lost to the cluster after {RETRIES} retries: {one_line(exc)}")
         on_done(outcome)
+
+
+TRAIN_STORAGE = "ray-train"  # below the run folder: Ray Train's checkpoints while a data-parallel fit runs
+
+
+def train_parallel(config: HDMConfig, source: DataSource, run: Path, workers: int, cpus: int, gpus: float,
+                   precision: str, overwrite: bool) -> None:
+    """Fit one run on `workers` Ray Train workers (`cpus` CPUs and torch threads, `gpus` GPUs each;
+    gloo on CPUs, NCCL on GPUs), each training on its shard of the images in `_train.fit`'s
+    torch.distributed loop. A worker lost mid-fit restarts the workers from the last checkpoint; the
+    same call again after the driver died restores from Ray Train's storage in the run folder."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ._runs import MODEL_FILE, split_data
+
+    run = run.resolve()
+    if (run / MODEL_FILE).exists() and not overwrite:
+        raise HDMInputError(f"{run}: run folder already holds a model (use --overwrite to replace it)")
+    if overwrite:
+        shutil.rmtree(run / TRAIN_STORAGE, ignore_errors=True)
+    train, holdout, extra = split_data(config, source)
+    setup = {"config": config, "source": source, "train": train, "holdout": holdout, "run": run, "extra": extra,
+             "cpus": cpus, "precision": precision}
+    per_worker = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+    trainer = TorchTrainer(
+        _train_worker, train_loop_config=setup,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=per_worker),
+        torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
+        run_config=RunConfig(name=TRAIN_STORAGE, storage_path=str(run),
+                             failure_config=FailureConfig(max_failures=RETRIES),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)))
+    try:
+        trainer.fit()
+    except Exception as exc:  # Ray Train's TrainingFailedError, holding each failed worker's error
+        failures = getattr(exc, "worker_failures", None) or {0: exc}
+        raise HDMInputError(f"{run}: the data-parallel fit failed after {RETRIES} restarts: "
+                            f"{one_line(next(iter(failures.values())))}") from None
+    # finished: like training_state.pt, the resumable state goes with it
+    shutil.rmtree(run / TRAIN_STORAGE, ignore_errors=True)
+
+
+def _train_worker(setup: dict) -> None:
+    """One Ray Train worker: resume from Ray Train's latest checkpoint if there is one, train and
+    calibrate as a rank, and hand the training state to Ray Train's storage at each checkpoint."""
+    import ray.train
+    import torch
+    from ray.train.torch import get_device
+
+    from ._distributed import Ranks
+    from ._runs import STATE_FILE, check_same_data, train_and_save
+    from ._store import load_training_state, save_training_state
+
+    torch.set_num_threads(setup["cpus"])
+    ranks = Ranks.current()
+    state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = load_training_state(Path(folder) / STATE_FILE)
+        check_same_data(state, setup["train"], setup["holdout"], setup["source"])
+
+    def keep(state: dict) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            if ranks.main:
+                save_training_state(Path(folder) / STATE_FILE, state)
+            ray.train.report({"step": state["step"]},
+                             checkpoint=ray.train.Checkpoint.from_directory(folder) if ranks.main else None)
+
+    train_and_save(setup["config"], setup["train"], setup["holdout"], setup["run"], setup["extra"], state,
+                   log=lambda message: None, progress=False, device=get_device(), precision=setup["precision"],
+                   keep_state=keep)
 
 
 PARTS = "scores-parts"  # below the output folder: one CSV shard per stretch of finished images

@@ -11,6 +11,7 @@ import torch
 
 from ._data import HDMInputError, Sample, iter_batches, sample_mask
 from ._device import device_of
+from ._distributed import Ranks
 from ._metrics import compute_metrics, threshold_metrics
 from ._model import HDM, to_model_input
 from ._progress import bar as progress_bar
@@ -83,17 +84,25 @@ def evaluate(model: HDM, samples: list[Sample], batch_size: int = 16, progress: 
 def calibrate(model: HDM, paths: list[Path], target_fpr: float, batch_size: int = 16, progress: bool = True) -> None:
     """POM's calibration on held-out normal images, in one pass over them: how DDM's head and the density
     prior behave on normal cells, which sets how they are fused, then the score-to-probability mapping
-    and thresholds of the fused map."""
+    and thresholds of the fused map. Under torch.distributed each rank scores its shard of `paths` and
+    every rank calibrates on all of them."""
+    ranks = Ranks.current()
+    ranks.need(len(paths), "held-out images", "raise --holdout or use fewer workers")
     voices, device = [], device_of(model)
-    with torch.inference_mode(), progress_bar(total=len(paths), desc="calibrate", enabled=progress) as bar:
-        for batch in iter_batches([Sample(p, 0) for p in paths], model.image_size, batch_size):
+    mine = ranks.shard(paths)
+    with torch.inference_mode(), progress_bar(total=len(mine), desc="calibrate", enabled=progress) as bar:
+        for batch in iter_batches([Sample(p, 0) for p in mine], model.image_size, batch_size):
             if any(batch.errors):
                 raise HDMInputError(next(e for e in batch.errors if e))
             voices.append(model.voices(to_model_input(batch.images).to(device)))
             bar.update(len(batch.samples))
+        logits = ranks.gather_rows(torch.cat([logits for logits, _ in voices]))
+        prior = None if model.density is None else ranks.gather_rows(torch.cat([prior for _, prior in voices]))
         if model.density is not None:
-            model.density.fit_null(torch.cat([logits for logits, _ in voices]), torch.cat([prior for _, prior in voices]))
-        finished = [model.finish(logits, prior) for logits, prior in voices]
+            model.density.fit_null(logits, prior)
+        chunks = logits.split(batch_size)
+        priors = (None,) * len(chunks) if prior is None else prior.split(batch_size)
+        finished = [model.finish(chunk, part) for chunk, part in zip(chunks, priors)]
     scores = torch.cat([s for _, s in finished]).cpu().numpy()
     maxima = torch.cat([maps.flatten(1).amax(1) for maps, _ in finished]).cpu().numpy()
     model.calibration.fit(scores, maxima, target_fpr)

@@ -66,9 +66,9 @@ def fit_run(config: HDMConfig, source: "DataSource", run: Path, overwrite: bool 
     """Split off the calibration hold-out, then train on `device` in `precision` (see `_device.place`),
     calibrate and save into the run folder (messages go to `log`, if given)."""
     from ._device import checked_device
-    from ._layouts import holdout_split
+    from ._distributed import join_from_env
 
-    device = checked_device(device, precision)
+    device = join_from_env(checked_device(device, precision))
     log = log or _silent
     if not overwrite:
         if (run / MODEL_FILE).exists():
@@ -76,13 +76,28 @@ def fit_run(config: HDMConfig, source: "DataSource", run: Path, overwrite: bool 
         if (run / STATE_FILE).exists():
             raise HDMInputError(f"{run}: run folder holds an interrupted training (continue it with "
                                 f"`hdm fit --resume {run}`, or use --overwrite to start again)")
-    samples = source.train_samples()
+    train, holdout, extra = split_data(config, source)
     # Starting over: a stale state of the replaced run must never be resumed into this one.
     (run / STATE_FILE).unlink(missing_ok=True)
-    train, holdout = holdout_split([s.path for s in samples], config.calibration.holdout, config.train.seed)
     log(f"fit: {len(train)} normal images from {source.describe()}, {len(holdout)} held out for calibration")
+    return train_and_save(config, train, holdout, run, extra, None, log, progress, device, precision)
+
+
+def split_data(config: HDMConfig, source: "DataSource") -> tuple[list[Path], list[Path], dict]:
+    """The training images, the calibration hold-out, and what the run records about them."""
+    from ._layouts import holdout_split
+
+    samples = source.train_samples()
+    train, holdout = holdout_split([s.path for s in samples], config.calibration.holdout, config.train.seed)
     extra = {"source": source.to_dict(), "train_images": len(train), "holdout": [str(p) for p in holdout]}
-    return _train_and_save(config, train, holdout, run, extra, None, log, progress, device, precision)
+    return train, holdout, extra
+
+
+def check_same_data(state: dict, train: list[Path], holdout: list[Path], source: "DataSource") -> None:
+    """A training state resumes only onto the images it started from."""
+    if [str(p) for p in holdout] != state["extra"]["holdout"] or len(train) != state["extra"]["train_images"]:
+        raise HDMInputError(f"{source.describe()}: the training images changed since this run started; "
+                            f"start again with --overwrite")
 
 
 def resume_run(run: Path, log: Log | None = None, progress: bool = True, device: str = "cpu",
@@ -90,10 +105,11 @@ def resume_run(run: Path, log: Log | None = None, progress: bool = True, device:
     """Continue a fit that was interrupted (even by SIGKILL) from its last training-state checkpoint, on
     any device."""
     from ._device import checked_device
-    from ._layouts import DataSource, holdout_split
+    from ._distributed import join_from_env
+    from ._layouts import DataSource
     from ._store import load_training_state, parse_config
 
-    device = checked_device(device, precision)
+    device = join_from_env(checked_device(device, precision))
     log = log or _silent
     if (run / MODEL_FILE).exists() and not (run / STATE_FILE).exists():
         raise HDMInputError(f"{run}: this run already finished; nothing to resume")
@@ -103,31 +119,41 @@ def resume_run(run: Path, log: Log | None = None, progress: bool = True, device:
     state = load_training_state(run / STATE_FILE)
     config, extra = parse_config(run / STATE_FILE, state["config"]), state["extra"]
     source = DataSource.from_dict(extra["source"])
-    train, holdout = holdout_split([s.path for s in source.train_samples()], config.calibration.holdout,
-                                   config.train.seed)
-    if [str(p) for p in holdout] != extra["holdout"] or len(train) != extra["train_images"]:
-        raise HDMInputError(f"{source.describe()}: the training images changed since this run started; "
-                            f"start again with --overwrite")
+    train, holdout, _ = split_data(config, source)
+    check_same_data(state, train, holdout, source)
     log(f"fit: resuming {run} from step {state['step']} of {config.train.steps}")
-    return _train_and_save(config, train, holdout, run, extra, state, log, progress, device, precision)
+    return train_and_save(config, train, holdout, run, extra, state, log, progress, device, precision)
 
 
-def _train_and_save(config: HDMConfig, train: list[Path], holdout: list[Path], run: Path, extra: dict,
-                    resume_from: dict | None, log: Log, progress: bool, device: "torch.device",
-                    precision: str) -> Run:
-    """Train (checkpointing a resumable state), calibrate on the hold-out, then write the model atomically."""
+def train_and_save(config: HDMConfig, train: list[Path], holdout: list[Path], run: Path, extra: dict,
+                   resume_from: dict | None, log: Log, progress: bool, device: "torch.device",
+                   precision: str, keep_state: Callable[[dict], None] | None = None) -> Run:
+    """Train, calibrate on the hold-out, then write the model atomically. Every rank of a data-parallel
+    fit calls this; rank 0 writes. The resumable training state goes to `keep_state` (every rank calls
+    it; by default rank 0 writes it into the run folder)."""
+    from ._distributed import Ranks
     from ._inference import calibrate
-    from ._store import save_checkpoint, write_json
+    from ._store import save_checkpoint, save_training_state, write_json
     from ._train import fit
 
+    ranks = Ranks.current()
     state_file = run / STATE_FILE
-    model, history = fit(config, train, progress=progress, log=log, state_file=state_file, resume_from=resume_from,
-                         extra=extra, device=device, precision=precision)
+
+    def keep_in_run(state: dict) -> None:
+        if ranks.main:
+            save_training_state(state_file, state)
+
+    keep = keep_state or keep_in_run
+    model, history = fit(config, train, progress=progress, log=log, resume_from=resume_from, device=device,
+                         precision=precision,
+                         checkpoint=lambda state: keep({**state, "config": config.to_dict(), "extra": extra}))
     calibrate(model, holdout, config.calibration.target_fpr, progress=progress)
     calibration = model.calibration.summary()
     if len(holdout) < 10:
         log(f"fit: calibration rests on {len(holdout)} held-out images, so its thresholds are wide; "
             f"raise --holdout for tighter ones")
+    if not ranks.main:
+        return Run(run, model, history, holdout)
     extra = {**extra, "training": history.summary(), "calibration": calibration}
     save_checkpoint(run / MODEL_FILE, config, model.trained_state(), extra)
     write_json(run / "train_log.json", {**extra, "losses": history.losses[::10]})

@@ -20,6 +20,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ._config import DiffusionConfig, SpaceConfig
 from ._denoiser import Denoiser
+from ._distributed import Ranks, channel_statistics
 
 # (weights package, class, last block of the stride-4, stride-8 and stride-16 stages)
 _BACKBONES = {
@@ -185,11 +186,13 @@ class Space(nn.Module):
         return self.normalise(self.raw(images))
 
     @torch.no_grad()
-    def fit_statistics(self, raw: Encoded) -> None:
+    def fit_statistics(self, raw: Encoded, ranks: Ranks = Ranks()) -> None:
+        """Per-channel mean and spread of the normal images' raw encodings, over every rank's shard."""
         for name, values in zip(("z", "guide"), raw):
             if values is not None:
-                getattr(self, f"{name}_mean").copy_(values.mean(dim=(0, 2, 3), keepdim=True))
-                getattr(self, f"{name}_std").copy_(values.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-4))
+                mean, std = channel_statistics(values, ranks)
+                getattr(self, f"{name}_mean").copy_(mean)
+                getattr(self, f"{name}_std").copy_(std.clamp_min(1e-4))
 
     def to_pixels(self, grid_map: torch.Tensor) -> torch.Tensor:
         """B x 1 x g x g map (any grid) -> B x 1 x S x S at model size."""

@@ -20,7 +20,8 @@ CHECKPOINT_FORMAT = "hdm-checkpoint"
 CHECKPOINT_VERSION = 4  # 2: calibration buffers and configuration; 3: stride-4 statistics and refinement;
 # 4: POM's density prior
 TRAINING_STATE_FORMAT = "hdm-training-state"
-TRAINING_STATE_VERSION = 3  # 2: the DDM's head and refinement saved together; 3: DAGM's four appearance families
+TRAINING_STATE_VERSION = 4  # 2: the DDM's head and refinement saved together; 3: DAGM's four appearance families;
+# 4: every data-parallel rank's random state
 
 
 def _umask() -> int:

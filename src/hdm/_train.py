@@ -1,7 +1,10 @@
 """Training glue: cache the normal images encoded in the model's space, then optimise denoiser, head
 and refinement with DAGM batches.
 
-The model (`HDM`) stays a pure module; everything about optimisation lives here.
+The model (`HDM`) stays a pure module; everything about optimisation lives here. The loop is written
+once for one process and for data-parallel ranks (`_distributed`): each rank encodes and draws from
+its own shard of the images, and every step averages the gradients and batch-norm statistics, so all
+ranks hold the same model.
 """
 
 from __future__ import annotations
@@ -18,13 +21,13 @@ import torch
 
 from ._config import HDMConfig
 from ._dagm import DAGM, Provenance, SyntheticBatch, appearance_anomaly, foreign_textures, grid_mask, is_grayscale
-from ._data import load_images_resized
+from ._data import HDMInputError, load_images_resized
 from ._device import autocast, device_of, place
+from ._distributed import Ranks, running_statistics
 from ._model import HDM, to_model_input
 from ._pom import adapt_tau, filter_samples, hybrid_loss, map_losses, masked_change, refinement_losses
 from ._progress import bar
 from ._space import Encoded, Space
-from ._store import save_training_state
 
 
 def seed_everything(seed: int) -> None:
@@ -110,74 +113,89 @@ class TrainingParts:
     generator: torch.Generator
     history: TrainingLog
 
-    def state(self, step: int) -> dict:
+    def state(self, step: int, ranks: Ranks) -> dict:
+        """The weights (the same on every rank) and every rank's random state, on every rank."""
+        draws = {"rng": self.rng.bit_generator.state, "generator": self.generator.get_state(),
+                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
         return {
             "step": step,
             "denoiser": self.denoiser.state_dict(), "ddm": self.ddm.state_dict(), "ema": self.ema.state_dict(),
             "optimiser": self.optimiser.state_dict(), "schedule": self.schedule.state_dict(), "tau": self.dagm.tau,
-            "rng": self.rng.bit_generator.state, "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-            "history": self.history.to_dict(),
+            "draws": ranks.gather_objects(draws), "history": self.history.to_dict(),
         }
 
-    def restore(self, state: dict) -> int:
+    def restore(self, state: dict, ranks: Ranks) -> int:
         """Load a saved state; returns the step to continue from."""
+        if len(state["draws"]) != ranks.world:
+            raise HDMInputError(f"this training state was made by {len(state['draws'])} worker(s): resume it with "
+                                f"as many, not {ranks.world}")
         self.denoiser.load_state_dict(state["denoiser"])
         self.ddm.load_state_dict(state["ddm"])
         self.ema.load_state_dict(state["ema"])
         self.optimiser.load_state_dict(state["optimiser"])
         self.schedule.load_state_dict(state["schedule"])
         self.dagm.tau = state["tau"]
-        self.rng.bit_generator.state = state["rng"]
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
+        draws = state["draws"][ranks.rank]
+        self.rng.bit_generator.state = draws["rng"]
+        self.generator.set_state(draws["generator"])
+        torch.set_rng_state(draws["torch_rng"])
+        random.setstate(draws["python_rng"])
         self.history = TrainingLog(**state["history"])
         return int(state["step"])
 
 
 def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callable[[str], None] = print,
-        state_file: Path | None = None, resume_from: dict | None = None,
-        extra: dict | None = None, device: torch.device = torch.device("cpu"),
-        precision: str = "fp32") -> tuple[HDM, TrainingLog]:
+        checkpoint: Callable[[dict], None] | None = None, resume_from: dict | None = None,
+        device: torch.device = torch.device("cpu"), precision: str = "fp32") -> tuple[HDM, TrainingLog]:
     """Train HDM on normal images only, on `device` (the returned model stays there), its networks'
-    forward passes in `precision` (see `_device.place`).
+    forward passes in `precision` (see `_device.place`). Under torch.distributed every rank calls this
+    with the same `paths` and trains on its shard of them; each step sees `train.batch_size` samples
+    in all.
 
-    With `state_file`, the full training state (weights, EMA, optimiser, schedule, tau, every RNG
-    and the log) is written there atomically every `train.checkpoint_every` steps, with `extra`
-    beside it; `resume_from` (such a state, read with `_store.load_training_state`) continues from it
-    and ends with the same model as an uninterrupted run.
+    Every `train.checkpoint_every` steps, `checkpoint` (on every rank) gets the full training state
+    (weights, EMA, optimiser, schedule, tau, every rank's RNGs and the log); `resume_from` (such a
+    state) continues from it and ends with the same model as an uninterrupted run.
     """
     config.validate()
-    seed_everything(config.train.seed)
-    rng = np.random.default_rng(config.train.seed)
-    generator = torch.Generator().manual_seed(config.train.seed)
+    ranks = Ranks.current()
+    ranks.need(len(paths), "training images", "use fewer workers")
+    seed_everything(config.train.seed)  # the same initial weights on every rank
+    rng = np.random.default_rng(ranks.seed(config.train.seed))
+    generator = torch.Generator().manual_seed(ranks.seed(config.train.seed))
     started = time.perf_counter()
 
-    images = load_images_resized(paths, config.space.image_size)
+    images = load_images_resized(ranks.shard(paths), config.space.image_size)
     model = place(HDM(config), device, precision)
     device = device_of(model)
     space = model.space
     raw = encode(space, images, desc="encode normal", progress=progress)
-    space.fit_statistics(raw)
+    space.fit_statistics(raw, ranks)
     normal = space.normalise(raw)
     appearance, app_mask = build_appearance_pool(space, images, config, rng, progress)
     if model.density is not None:
-        model.density.fit(normal.z, torch.Generator().manual_seed(config.train.seed))
-    log(f"cached {len(images)} normal images and {app_mask.shape[0] * app_mask.shape[1]} appearance anomalies "
-        f"({time.perf_counter() - started:.0f}s)")
+        # drawn once from every rank's cells, in the one-process order, then sent to every rank
+        cells = ranks.gather_rows(normal.z, to=0)
+        if ranks.main:
+            model.density.fit(cells, torch.Generator().manual_seed(config.train.seed))
+        del cells
+        ranks.broadcast_(list(model.density.buffers()))
+    where = f" on each of {ranks.world} workers" if ranks.world > 1 else ""
+    log(f"cached {len(images)} normal images and {app_mask.shape[0] * app_mask.shape[1]} appearance anomalies"
+        f"{where} ({time.perf_counter() - started:.0f}s)")
 
     denoiser, ddm, diffusion = model.denoiser, model.ddm, model.diffusion
     ema = copy.deepcopy(denoiser).requires_grad_(False)
     params = list(denoiser.parameters()) + list(ddm.parameters())
     optimiser = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=1e-4)
+    # OneCycleLR divides by zero when its warm-up is exactly one step (20 steps at 5%)
+    warmup = 0.05 if config.train.steps != 20 else 0.1
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.train.lr, total_steps=config.train.steps,
-                                                   pct_start=0.05)
+                                                   pct_start=warmup)
     parts = TrainingParts(denoiser, ddm, ema, optimiser, schedule,
                           DAGM(config.dagm, diffusion, space.grid, space.map_grid), rng, generator, TrainingLog())
     first = 0
     if resume_from is not None:
-        first = parts.restore(resume_from)
+        first = parts.restore(resume_from, ranks)
         log(f"resuming at step {first} of {config.train.steps}")
     dagm, history = parts.dagm, parts.history
     previous_seconds = history.seconds
@@ -185,7 +203,7 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
     ddm.train()
 
     steps = config.train.steps
-    batch_size = config.train.batch_size
+    batch_size = -(-config.train.batch_size // ranks.world)
     steps_bar = bar(range(first, steps), desc="train", enabled=progress, initial=first, total=steps)
     for step in steps_bar:
         index = torch.from_numpy(rng.integers(len(images), size=batch_size))
@@ -207,16 +225,20 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
             # DAGM, then POM's quality control of the synthetic samples.
             batch = dagm.make_batch(z0, az, am, ema, step / steps, rng, generator)
             synthetic = batch.label > 0
+            from_diffusion = batch.from_(Provenance.DIFFUSION)
+            small = large = drop = torch.zeros_like(synthetic)
             if config.pom.filtering and synthetic.any():
                 keep, small, large = filter_samples(masked_change(batch.z, z0, batch.z_mask()),
                                                     config.pom.change_low, config.pom.change_high)
                 drop = synthetic & ~keep
-                from_diffusion = batch.from_(Provenance.DIFFUSION)
                 batch.revert(drop, z0)
-                dagm.tau = adapt_tau(dagm.tau, int((small & from_diffusion).sum()), int((large & from_diffusion).sum()),
-                                     int(from_diffusion.sum()), config.pom)
-                history.rejected += int(drop.sum())
-            history.synthetic += int(synthetic.sum())
+            # over every rank's samples, so tau stays the same on all of them
+            counts = ranks.total([(small & from_diffusion).sum(), (large & from_diffusion).sum(),
+                                  from_diffusion.sum(), drop.sum(), synthetic.sum()])
+            if config.pom.filtering:
+                dagm.tau = adapt_tau(dagm.tau, *(int(c) for c in counts[:3]), config.pom)
+            history.rejected += int(counts[3])
+            history.synthetic += int(counts[4])
 
             # DDM on the mixed batch, with the EMA denoiser the model will use at inference.
             with torch.no_grad():
@@ -230,6 +252,8 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
 
         optimiser.zero_grad(set_to_none=True)
         total.backward()
+        ranks.average_gradients(params)
+        ranks.average_(running_statistics(ddm) + running_statistics(denoiser))
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimiser.step()
         schedule.step()
@@ -238,16 +262,16 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
             for p_ema, p in zip(ema.parameters(), denoiser.parameters()):
                 p_ema.lerp_(p, 1.0 - decay)
 
-        row = {"simple": l_simple.item(), "vlb": l_vlb.item(), **{k: v.item() for k, v in losses.items()}}
+        row = {"simple": l_simple, "vlb": l_vlb, **losses}
+        row = dict(zip(row, (v / ranks.world for v in ranks.total([v.item() for v in row.values()]))))
         history.losses.append(row)
         history.tau.append(dagm.tau)
         if step % 25 == 0:  # shown at the next redraw: refreshing now would add a line to a log file
             steps_bar.set_postfix(simple=f"{row['simple']:.3f}", focal=f"{row['focal']:.4f}", tau=f"{dagm.tau:.2f}",
                                   refresh=False)
-        if state_file is not None and (step + 1) % config.train.checkpoint_every == 0 and step + 1 < steps:
+        if checkpoint is not None and (step + 1) % config.train.checkpoint_every == 0 and step + 1 < steps:
             history.seconds = previous_seconds + time.perf_counter() - started
-            save_training_state(state_file, {**parts.state(step + 1), "config": config.to_dict(),
-                                             "extra": extra or {}})
+            checkpoint(parts.state(step + 1, ranks))
 
     model.denoiser.load_state_dict(ema.state_dict())
     model.eval()
