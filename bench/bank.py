@@ -26,8 +26,9 @@ import torch
 from voices import collect, map_metrics, test_subset, units
 
 from hdm._data import Sample, load_images_resized
-from hdm._layouts import DataSource, holdout_split
+from hdm._layouts import DataSource
 from hdm._pom import NormalDensity, prior_voice
+from hdm._runs import split_data
 from hdm._store import load_model
 from hdm._train import encode
 
@@ -38,8 +39,7 @@ def measure(run: Path, banks: list[str], draws: int, per_class: int) -> list[dic
         raise SystemExit(f"bench: {run} has no density prior (pom.density_bank = 0)")
     space, head = model.space, model.density
     source = DataSource.from_dict(extra["source"])
-    train, holdout = holdout_split([s.path for s in source.train_samples()], model.config.calibration.holdout,
-                                   model.config.train.seed)
+    train, holdout, _ = split_data(model.config, source)
     normal = space.normalise(encode(space, load_images_resized(train, model.image_size), progress=False)).z
     def z_of(images: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"z": space(images).z}

@@ -23,10 +23,11 @@ import numpy as np
 import torch
 
 from hdm._data import Sample, iter_batches, sample_mask
-from hdm._layouts import DataSource, holdout_split
+from hdm._layouts import DataSource
 from hdm._metrics import compute_metrics
 from hdm._model import to_model_input
 from hdm._pom import normal_scale
+from hdm._runs import split_data
 from hdm._store import load_model
 
 RULES = {
@@ -91,8 +92,7 @@ def measure(run: Path, per_class: int) -> list[dict]:
         raise SystemExit(f"bench: {run} has no density prior (pom.density_bank = 0)")
     source = DataSource.from_dict(extra["source"])
     chosen = test_subset(source, per_class)
-    _, holdout = holdout_split([s.path for s in source.train_samples()], model.config.calibration.holdout,
-                               model.config.train.seed)
+    _, holdout, _ = split_data(model.config, source)
     test_voices, held_out = voices(model, chosen), voices(model, [Sample(p, 0) for p in holdout])
     head, prior = (units(test_voices[k], held_out[k]) for k in ("head", "prior"))
     loc, top = normal_scale(held_out["head"])

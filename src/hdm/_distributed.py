@@ -97,7 +97,9 @@ class Ranks:
         """The sums of `values` over the ranks (counts, losses), in float64."""
         if self.world == 1:
             return [float(v) for v in values]
-        summed = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        # NCCL reduces only tensors on the rank's GPU
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        summed = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
         dist.all_reduce(summed)
         return summed.tolist()
 
