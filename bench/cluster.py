@@ -120,6 +120,24 @@ def driver_rows_per_second(work: Path, rows: int = 200_000) -> float:
     return rows / (time.perf_counter() - started)
 
 
+def scale_model(per_core: float, sizes: dict, driver: float, nodes: int, cores: int) -> list[str]:
+    """What `nodes` CPU nodes of `cores` cores each would inspect, at this machine's per-core rate, and
+    which shared part saturates first."""
+    rate = per_core * nodes * cores
+    read, written = rate * sizes["read"] / 2**20, rate * sizes["written"] / 2**20
+    return [
+        f"At {per_core:.2f} images/s per core (this machine's, linear in cores while nothing shared saturates), "
+        f"{nodes} nodes of {cores} cores inspect {rate:,.0f} images/s, {rate * 3600 / 1e6:,.1f} million an hour.",
+        f"- Storage: {read:,.0f} MiB/s read and {written:,.0f} MiB/s written at that rate (the writes are the "
+        f"per-image overlay and mask PNGs).",
+        f"- Driver: saturates at {driver:,.0f} images/s, {driver / per_core:,.0f} cores' worth "
+        f"({'above' if driver > rate else 'below'} this cluster's {rate:,.0f}).",
+        "- Object store: carries paths and score rows only (actors read the images from shared storage "
+        "themselves), so it does not bound inspection.",
+        "- GPUs: not measured here (no GPU on this machine).",
+    ]
+
+
 def table(rows: list[tuple[str, list[float]]], unit: str, work_done: float) -> list[str]:
     plain = rows[0][1]
     lines = [f"| way | seconds (median) | runs | {unit} | × plain (median of per-repeat ratios) |", "|---|---|---|---|---|"]
@@ -137,6 +155,8 @@ def main() -> None:
     parser.add_argument("--predict-category", default="brain_flair", choices=list(ROOTS))
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the predict commands")
     parser.add_argument("--fit-repeats", type=int, default=1, help="repeats of the fit commands")
+    parser.add_argument("--nodes", type=int, default=100, help="the scale model's cluster: nodes ...")
+    parser.add_argument("--cores-per-node", type=int, default=16, help="... of this many cores")
     parser.add_argument("--out", type=Path, default=Path("bench/results/cluster.md"))
     args = parser.parse_args()
     for category in (args.fit_category, args.predict_category):
@@ -171,6 +191,9 @@ def main() -> None:
         f"- Storage per image: {sizes['read'] / 1024:.0f} KiB read, {sizes['written'] / 1024:.0f} KiB written "
         f"(overlay and mask PNGs; the scores are rows).",
         f"- The driver shards and merges {driver:,.0f} score rows/s (one process: the part that does not spread).",
+        "",
+        "## Scale model", "",
+        *scale_model(per_core / 2, sizes, driver, args.nodes, args.cores_per_node),
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
