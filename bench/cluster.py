@@ -39,7 +39,7 @@ ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
 def timed(command: list[str], **env: str) -> float:
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env={**ENV, **env})
-    if done.returncode not in (0,):
+    if done.returncode != 0:
         raise SystemExit(f"{shlex.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return time.perf_counter() - started
 
@@ -81,7 +81,8 @@ def predict_rows(category: str, model_category: str, repeats: int, address: str,
     timed([*HDM, "fit", "--data", str(DATASETS / ROOTS[model_category]), "--category", model_category, "--steps", "20",
            "--out", str(run), "-q"])
     images = root / category / "test"
-    count = len(list_images(images))
+    files = list_images(images)
+    count = len(files)
     manifest = work / "images.csv"
     timed([*HDM, "index", str(images), "--out", str(manifest)])
     base = [*HDM, "predict", "--run", str(run), str(manifest), "-q"]
@@ -96,7 +97,7 @@ def predict_rows(category: str, model_category: str, repeats: int, address: str,
             times[name].append(timed([*base, *options, "--out", str(out)], **env))
             if not sizes:
                 written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-                read = sum(p.stat().st_size for p in list_images(images))
+                read = sum(p.stat().st_size for p in files)
                 sizes = {"read": read / count, "written": written / count}
             shutil.rmtree(out)
             print(f"predict, repeat {repeat}: {name}: {times[name][-1]:.1f}s", flush=True)

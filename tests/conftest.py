@@ -1,3 +1,5 @@
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,16 @@ def save(path: Path, array: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
     return path
+
+
+def wait_while_running(process: subprocess.Popen, ready, seconds: float = 300) -> None:
+    """Poll until `ready()` while `process` still runs (`seconds` at most); a process that ends first
+    fails the test with its stderr where it was captured."""
+    deadline = time.monotonic() + seconds
+    while not ready():
+        assert process.poll() is None, process.stderr.read()[-2000:] if process.stderr else "the process ended first"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
 
 
 @pytest.fixture

@@ -10,11 +10,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import wait_while_running
 
 from hdm._synthetic import CATEGORY, make_default_dataset
 
@@ -87,15 +87,6 @@ def test_parallel_fits_equal_sequential_ones_and_bad_data_fails_alone(cluster, d
     again = fit(data, tmp_path / "ray", *on_ray)
     assert again.returncode == 1
     assert {table(tmp_path / "ray")[(CATEGORY, s)]["state"] for s in (0, 1)} == {"skipped"}
-
-
-def wait_while_running(process: subprocess.Popen, ready) -> None:
-    """Poll until `ready()` while `process` still runs (5 minutes at most)."""
-    deadline = time.monotonic() + 300
-    while not ready():
-        assert process.poll() is None, process.stderr.read()[-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
 
 
 def _children(cluster, title: str) -> list[int]:

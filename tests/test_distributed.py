@@ -7,11 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import wait_while_running
 
 from hdm._data import load_images_resized
 from hdm._distributed import Ranks
@@ -88,11 +88,7 @@ def test_a_killed_fit_resumes_on_as_many_ranks_to_the_same_model(data, two_ranks
     launcher = subprocess.Popen(torchrun("fit", "--data", str(data), "--out", str(run), *FIT),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
     state = run / "training_state.pt"
-    deadline = time.monotonic() + 300
-    while not state.exists():
-        assert launcher.poll() is None, "the fit ended before its first checkpoint"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_while_running(launcher, state.exists)
     ranks = [int(p) for p in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()]
     assert len(ranks) == 2
     os.kill(ranks[1], signal.SIGKILL)  # one rank dies; torchrun stops the other and gives up

@@ -5,10 +5,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import torch
 from click.testing import CliRunner
+from conftest import wait_while_running
 
 from hdm._cli import main
 from hdm._metrics import METRIC_KEYS
@@ -27,11 +27,7 @@ def test_fit_resumes_after_sigkill_with_the_metrics_of_an_uninterrupted_run(tmp_
 
     process = subprocess.Popen([*fit, "--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = killed / "training_state.pt"
-    deadline = time.monotonic() + 300
-    while not state.exists():
-        assert process.poll() is None, "the fit ended before its first checkpoint"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_while_running(process, state.exists)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     step = torch.load(state, weights_only=True)["step"]

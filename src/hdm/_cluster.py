@@ -142,13 +142,13 @@ def train_parallel(config: HDMConfig, source: DataSource, run: Path, workers: in
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ._runs import MODEL_FILE, split_data
+    from ._runs import check_no_model, split_data
 
     run = run.resolve()
-    if (run / MODEL_FILE).exists() and not overwrite:
-        raise HDMInputError(f"{run}: run folder already holds a model (use --overwrite to replace it)")
     if overwrite:
         shutil.rmtree(run / TRAIN_STORAGE, ignore_errors=True)
+    else:
+        check_no_model(run)
     train, holdout, extra = split_data(config, source)
     setup = {"config": config, "source": source, "train": train, "holdout": holdout, "run": run, "extra": extra,
              "cpus": cpus, "precision": precision}

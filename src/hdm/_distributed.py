@@ -83,15 +83,16 @@ class Ranks:
         for tensor, part in zip(tensors, flat.split([t.numel() for t in tensors])):
             tensor.copy_(part.view_as(tensor))
 
-    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+    def average_gradients(self, params: list[torch.nn.Parameter], buffers: list[torch.Tensor] = ()) -> None:
         """What DistributedDataParallel does, for modules the loop calls by more than `forward`: a
-        parameter no loss reached on one rank still takes part, with a zero gradient."""
+        parameter no loss reached on one rank still takes part, with a zero gradient. `buffers`
+        (running statistics) are averaged in the same collective."""
         if self.world == 1:
             return
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        self.average_([p.grad for p in params])
+        self.average_([p.grad for p in params] + list(buffers))
 
     def total(self, values: list[float]) -> list[float]:
         """The sums of `values` over the ranks (counts, losses), in float64."""
@@ -130,10 +131,10 @@ def channel_statistics(values: torch.Tensor, ranks: Ranks) -> tuple[torch.Tensor
     rows, as 1 x C x 1 x 1: each rank's count, mean and sum of squared deviations, combined in float64
     (Chan et al.), so they match the statistics of all rows in one process up to float rounding."""
     x = values.double().transpose(0, 1).reshape(values.shape[1], -1)
-    count = torch.full((1, x.shape[0]), float(x.shape[1]), dtype=torch.float64, device=x.device)
+    count = torch.full((x.shape[0],), float(x.shape[1]), dtype=torch.float64, device=x.device)
     mean = x.mean(1)
     m2 = ((x - mean[:, None]) ** 2).sum(1)
-    parts = ranks.gather_rows(torch.stack([count[0], mean, m2])[None])
+    parts = ranks.gather_rows(torch.stack([count, mean, m2])[None])
     counts, means, m2s = parts[:, 0], parts[:, 1], parts[:, 2]
     total = counts.sum(0)
     overall = (counts * means).sum(0) / total

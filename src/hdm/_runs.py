@@ -71,8 +71,7 @@ def fit_run(config: HDMConfig, source: "DataSource", run: Path, overwrite: bool 
     device = join_from_env(checked_device(device, precision))
     log = log or _silent
     if not overwrite:
-        if (run / MODEL_FILE).exists():
-            raise HDMInputError(f"{run}: run folder already holds a model (use --overwrite to replace it)")
+        check_no_model(run)
         if (run / STATE_FILE).exists():
             raise HDMInputError(f"{run}: run folder holds an interrupted training (continue it with "
                                 f"`hdm fit --resume {run}`, or use --overwrite to start again)")
@@ -81,6 +80,12 @@ def fit_run(config: HDMConfig, source: "DataSource", run: Path, overwrite: bool 
     (run / STATE_FILE).unlink(missing_ok=True)
     log(f"fit: {len(train)} normal images from {source.describe()}, {len(holdout)} held out for calibration")
     return train_and_save(config, train, holdout, run, extra, None, log, progress, device, precision)
+
+
+def check_no_model(run: Path) -> None:
+    """A new fit never replaces a finished one unless told to."""
+    if (run / MODEL_FILE).exists():
+        raise HDMInputError(f"{run}: run folder already holds a model (use --overwrite to replace it)")
 
 
 def split_data(config: HDMConfig, source: "DataSource") -> tuple[list[Path], list[Path], dict]:

@@ -204,6 +204,7 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
 
     steps = config.train.steps
     batch_size = -(-config.train.batch_size // ranks.world)
+    statistics = running_statistics(ddm) + running_statistics(denoiser)  # the same tensors all along
     steps_bar = bar(range(first, steps), desc="train", enabled=progress, initial=first, total=steps)
     for step in steps_bar:
         index = torch.from_numpy(rng.integers(len(images), size=batch_size))
@@ -252,8 +253,7 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
 
         optimiser.zero_grad(set_to_none=True)
         total.backward()
-        ranks.average_gradients(params)
-        ranks.average_(running_statistics(ddm) + running_statistics(denoiser))
+        ranks.average_gradients(params, statistics)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimiser.step()
         schedule.step()
