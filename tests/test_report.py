@@ -10,6 +10,7 @@ from PIL import Image
 
 from conftest import save
 from hdm._data import Sample
+from hdm._generator import Defect
 from hdm._inference import Evaluation, Prediction
 from hdm._metrics import compute_metrics, threshold_metrics
 from hdm._report import gallery_order, write_report
@@ -54,10 +55,13 @@ def evaluation(tmp_path):
 
 def test_report_is_self_contained_and_renders_without_console_errors(evaluation, tmp_path):
     page = tmp_path / "report.html"
-    write_report(page, evaluation, (0.6, 0.6), "unit report", image_size=32)
+    mask = np.zeros((32, 32), bool)
+    mask[4:12, 4:12] = True
+    generated = [Defect(np.full((32, 32, 3), 90 * k, np.uint8), mask, 0, 1.0, 0.1) for k in range(2)]
+    write_report(page, evaluation, (0.6, 0.6), "unit report", image_size=32, generated=generated)
     text = page.read_text()
     assert text.count("<svg") == 6  # image ROC/PR, pixel ROC/PR, two histograms
-    assert text.count('<img alt="') == 8
+    assert text.count('<img alt="') == 8 + 2 and text.count('alt="generated defect"') == 2
     assert "image_auroc" in text and "image_recall_at_threshold" in text
     # Nothing to fetch: every src/href is inline.
     assert not [ref for ref in re.findall(r'(?:src|href)="([^"]*)"', text) if not ref.startswith(("data:", "#"))]

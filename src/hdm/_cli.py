@@ -12,19 +12,22 @@ import click
 
 from ._config import HDMConfig
 from ._data import HDMInputError
-from ._runs import MODEL_FILE, data_source, fit_run, resume_run, test_run
+from ._runs import GENERATOR_FILE, MODEL_FILE, data_source, fit_run, resume_run, test_run
 
 
 def _log(message: str) -> None:
     click.echo(message, err=True)
 
 
+_device_only = click.option("--device", default="auto", show_default=True,
+                            help="auto (CUDA when present), cpu, cuda, cuda:N or mps.")
+
+
 def _device(func):
     """--device and --precision: where a command computes and in what precision."""
     func = click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
                         help="bf16: the networks run under CUDA autocast (CUDA only).")(func)
-    return click.option("--device", default="auto", show_default=True,
-                        help="auto (CUDA when present), cpu, cuda, cuda:N or mps.")(func)
+    return _device_only(func)
 
 
 _quiet = click.option("--quiet", "-q", is_flag=True,
@@ -224,6 +227,76 @@ def _fit_many(data, category, normal_dir, runs, resume_run_path, overwrite, prin
     click.echo(f"fit: {len(outcomes) - failed} of {len(outcomes)} runs done; table in {runs / 'fits.md'}", err=True)
     if failed:
         sys.exit(1)
+
+
+@main.command("fit-generator")
+@click.option("--run", type=click.Path(path_type=Path), required=True,
+              help="Run folder to save generator.pt into (created if needed); its model's data and settings are the defaults.")
+@_data
+@_category
+@click.option("--normal-dir", type=click.Path(path_type=Path), help="Generic layout: normal training images.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="A TOML file of settings (as for fit).")
+@click.option("--set", "assignments", multiple=True, metavar="SECTION.NAME=VALUE",
+              help="Override one setting, e.g. --set generator.crop_size=96 (repeatable).")
+@click.option("--steps", type=int, help="Sets generator.steps.")
+@click.option("--crop-size", type=int, help="Sets generator.crop_size (a multiple of 8; the image size trains on whole images).")
+@click.option("--seed", type=int, help="Sets train.seed.")
+@click.option("--overwrite", is_flag=True, help="Replace a generator already in the run, or restart an interrupted fit.")
+@_device_only
+@_quiet
+@_fail_cleanly
+def fit_generator_command(run, data, category, normal_dir, config_file, assignments, steps, crop_size, seed, overwrite,
+                          device, quiet):
+    """Train DAGM's pixel diffusion model on the normal images, for `hdm generate`.
+
+    The same command again continues a fit that was interrupted."""
+    from ._config import resolve
+    from ._runs import fit_generator_run, stored_config
+
+    source = data_source(data, category, normal_dir) if data is not None or normal_dir is not None else None
+    values = {key: value for key, value in (("generator.steps", steps), ("generator.crop_size", crop_size),
+                                            ("train.seed", seed)) if value is not None}
+    config = None
+    if config_file or assignments or values:
+        config = resolve(config_file or stored_config(run), values, assignments, where="command-line options")
+    fit_generator_run(run, source, config, overwrite, log=None if quiet else _log, progress=not quiet, device=device)
+
+
+@main.command("generate")
+@click.option("--run", type=click.Path(path_type=Path), required=True, help="Run folder holding a generator.pt.")
+@click.option("--count", type=int, default=16, show_default=True, help="Defect images to make.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the set (MVTec AD layout).")
+@click.option("--images", "images_dir", type=click.Path(path_type=Path),
+              help="Normal images to start from (default: the generator's training images), used in turn.")
+@click.option("--mask-dir", type=click.Path(path_type=Path),
+              help="A mask per image of --images, matched by name (default: Perlin masks in a random window).")
+@click.option("--tau", type=float, help="Initial variance inflation (default generator.tau); POM adapts it.")
+@click.option("--seed", type=int, default=0, show_default=True, help="The same seed makes the same set.")
+@click.option("--with-normals", is_flag=True, help="Also write the normals the defects started from to test/good.")
+@click.option("--overwrite", is_flag=True, help="Replace a set already in --out.")
+@_device_only
+@_quiet
+@_fail_cleanly
+def generate_command(run, count, out, images_dir, mask_dir, tau, seed, with_normals, overwrite, device, quiet):
+    """Make defect images with exact masks from normal ones: DAGM in pixels."""
+    from ._device import place
+    from ._generate import generate_set
+    from ._store import load_generator
+
+    if not (run / GENERATOR_FILE).exists():
+        raise HDMInputError(f"{run}: no generator in this run (train one with `hdm fit-generator --run {run}`)")
+    if mask_dir is not None and images_dir is None:
+        raise HDMInputError("--mask-dir pairs masks with the images of --images: give both")
+    if tau is not None and tau < 0:
+        raise HDMInputError(f"--tau {tau}: must be >= 0")
+    model, extra = load_generator(run / GENERATOR_FILE)
+    place(model, device)
+    defects, rejected = generate_set(model, extra, out, count, images_dir, mask_dir, tau, seed, with_normals,
+                                     overwrite, progress=not quiet)
+    if not quiet:
+        short = f" ({count - len(defects)} left out: their change stayed outside POM's band)" if len(defects) < count else ""
+        _log(f"generate: {len(defects)} defect images in {out}{short}; {rejected} draws rejected by POM; "
+             f"contact sheet {out / 'contact_sheet.png'}")
 
 
 @main.command("test")

@@ -147,6 +147,41 @@ class CalibrationConfig:
 
 
 @dataclass
+class GeneratorConfig:
+    """DAGM in pixels: a diffusion model of the normal images (`hdm fit-generator`) and how it makes
+    defects (`hdm generate`). It works at the detector's size (space.image_size) and shares the
+    diffusion schedule (`diffusion`), its seed (`train.seed`) and POM's tau control (`pom.tau_*`)."""
+
+    width: int = 32  # the UNet's first width; its levels have width x mults
+    mults: tuple[int, int, int, int] = (1, 2, 2, 4)
+    # Trained on random crops of this side (a multiple of 8; at most the image): a CPU trains a category
+    # in minutes. Set it to space.image_size on a GPU to train on whole images.
+    crop_size: int = 64
+    steps: int = 800
+    batch_size: int = 16
+    lr: float = 5e-4
+    ema_decay: float = 0.995
+    checkpoint_every: int = 50
+    # How far a masked region is noised before it is regenerated; the generator trains on timesteps up to
+    # here only, the only ones it is asked about.
+    t_start: int = 700
+    sample_steps: int = 20  # strided reverse steps from t_start to 0
+    tau: float = 4.0  # initial variance inflation of the reverse steps; POM adapts it
+    # Only the steps at or above this fraction of t_start are inflated. There the denoiser turns the extra
+    # noise into coarse structure (blobs, streaks); inflated late steps only left per-pixel colour speckle
+    # that no later step removes (contact sheets, bench/results/realism.md).
+    inflate_above: float = 0.5
+    # Default Perlin masks lie in a window of this side (at most the image) at a random place: real defects are local,
+    # and only the window's crop is regenerated, which keeps a sample near a second on a CPU.
+    mask_window: int = 80
+    # Band for the mean squared change inside the mask, in the [-1, 1] pixel scale: 0.005 is about
+    # 9 grey levels RMS (no visible defect below it), 0.5 about 90 (content that is no longer a surface).
+    change_low: float = 0.005
+    change_high: float = 0.5
+    attempts: int = 8  # draws per requested sample before it is given up
+
+
+@dataclass
 class HDMConfig:
     space: SpaceConfig = field(default_factory=SpaceConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -155,6 +190,7 @@ class HDMConfig:
     pom: POMConfig = field(default_factory=POMConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -179,7 +215,7 @@ class HDMConfig:
         """Stop before any work on values that cannot run."""
         from ._space import SPACES  # the space module reads this one's dataclasses
 
-        feature = self.space.kind == "feature"
+        feature, g = self.space.kind == "feature", self.generator
         checks = [
             (self.space.kind in SPACES, f"space.kind must be {' or '.join(SPACES)}"),
             (not feature or self.space.backbone in ("lite0", "lite1", "lite2"),
@@ -209,6 +245,16 @@ class HDMConfig:
             (self.train.checkpoint_every > 0, "train.checkpoint_every must be > 0"),
             (0.0 < self.calibration.holdout < 1.0, "calibration.holdout must lie in (0, 1)"),
             (0.0 < self.calibration.target_fpr < 0.5, "calibration.target_fpr must lie in (0, 0.5)"),
+            (g.width >= 8 and all(m >= 1 for m in g.mults), "generator.width must be >= 8 and generator.mults >= 1"),
+            (g.crop_size >= 16 and g.crop_size % 8 == 0, "generator.crop_size must be a multiple of 8, at least 16"),
+            (g.steps > 0 and g.batch_size > 0 and g.checkpoint_every > 0,
+             "generator.steps, generator.batch_size and generator.checkpoint_every must be > 0"),
+            (0 < g.t_start < self.diffusion.timesteps, "generator.t_start must lie inside (0, timesteps)"),
+            (g.sample_steps >= 1 and g.attempts >= 1, "generator.sample_steps and generator.attempts must be >= 1"),
+            (g.tau >= 0.0, "generator.tau must be >= 0"),
+            (0.0 <= g.inflate_above <= 1.0, "generator.inflate_above must lie in [0, 1]"),
+            (g.mask_window >= 16, "generator.mask_window must be at least 16"),
+            (0.0 <= g.change_low < g.change_high, "generator.change_low must be >= 0 and below generator.change_high"),
         ]
         for ok, message in checks:
             if not ok:

@@ -9,6 +9,10 @@ Anomalous training samples with masks, made from normal z_0 only:
 - composite with random opacity: (a) inside the mask in z, (b) in pixels, its z taken whole with the
   change the encoder spreads beyond the mask (those cells stay normal targets); about half of each
   batch stays normal.
+
+DAGM in pixels (`regenerate`, used by `_generator`) is the same reverse process on an image: the
+masked region is noised and regenerated at (1 + tau) Sigma_theta by a pixel diffusion model, the rest
+of the image held to the input.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from ._config import DAGMConfig
 from ._denoiser import Denoiser
 from ._diffusion import GaussianDiffusion, strided_timesteps
 from ._perlin import perlin_2d, perlin_mask
+from ._unet import PixelUNet
 
 _FOREIGN_TEXTURES = ("brick", "grass", "gravel", "moon", "camera")
 
@@ -88,10 +93,12 @@ def appearance_content(image: np.ndarray, other: np.ndarray, textures: list[np.n
 
 
 def appearance_anomaly(image: np.ndarray, other: np.ndarray, textures: list[np.ndarray],
-                       rng: np.random.Generator, config: DAGMConfig,
-                       grayscale: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(anomalous image, boolean pixel mask) with the content blended in at a random opacity."""
-    mask = perlin_mask(image.shape[0], rng, threshold=config.perlin_threshold)
+                       rng: np.random.Generator, config: DAGMConfig, grayscale: bool = False,
+                       mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(anomalous image, boolean pixel mask) with the content blended in at a random opacity, inside
+    `mask` or else a Perlin mask over the whole image."""
+    if mask is None:
+        mask = perlin_mask(image.shape[0], rng, threshold=config.perlin_threshold)
     content = appearance_content(image, other, textures, rng, grayscale).astype(np.float32)
     opacity = rng.uniform(*config.opacity)
     weight = (mask.astype(np.float32) * opacity)[..., None]
@@ -206,3 +213,51 @@ class DAGM:
             source[index] = Provenance.APPEARANCE
         label = (mask.flatten(1).amax(1) > 0).float()
         return SyntheticBatch(z, mask, label, source)
+
+
+def window_mask(size: int, window: int, rng: np.random.Generator, threshold: float) -> np.ndarray:
+    """A Perlin mask confined to a window x window square at a random place of a size x size image."""
+    mask = np.zeros((size, size), dtype=bool)
+    top, left = (int(v) for v in rng.integers(0, size - window + 1, size=2))
+    mask[top:top + window, left:left + window] = perlin_mask(window, rng, threshold)
+    return mask
+
+
+def crop_box(mask: np.ndarray, multiple: int, margin: int) -> tuple[slice, slice]:
+    """The part of the image regenerated for `mask`: its bounding box widened by `margin` pixels of
+    context on each side, each side rounded up to a multiple of `multiple` (the UNet's stride) and
+    moved inside the image."""
+    def span(covered: np.ndarray) -> slice:
+        size = len(covered)
+        where = np.flatnonzero(covered)
+        start, stop = max(0, int(where[0]) - margin), min(size, int(where[-1]) + 1 + margin)
+        length = min(size - size % multiple, -(-(stop - start) // multiple) * multiple)
+        start = min(start, size - length)
+        return slice(start, start + length)
+
+    return span(mask.any(axis=1)), span(mask.any(axis=0))
+
+
+@torch.no_grad()
+def regenerate(x0: torch.Tensor, mask: torch.Tensor, net: PixelUNet, process: GaussianDiffusion, tau: float,
+               generator: torch.Generator, inflate_from: int = 0) -> torch.Tensor:
+    """Noise x_0 (B x 3 x h x w in [-1, 1]) to the last step of `process`, then run the reverse process
+    with variance (1 + tau) Sigma_theta on the steps at original timesteps >= `inflate_from`, Sigma_theta
+    below. Outside `mask` (B x 1 x h x w, 1 = regenerate) every step takes x_0 noised to that step's
+    level, so the new content is made to join its surroundings, and the last step returns x_0 there."""
+    device = x0.device
+
+    def draw() -> torch.Tensor:
+        return torch.randn(x0.shape, generator=generator).to(device)
+
+    last = torch.full((x0.shape[0],), process.num_timesteps - 1, dtype=torch.long, device=device)
+    x = process.q_sample(x0, last, draw())
+
+    def step(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        eps, v = net(x, process.timestep_map[t])
+        inflation = tau if int(process.timestep_map[t[0]]) >= inflate_from else 0.0
+        made = process.p_sample(eps, v, x, t, draw(), tau=inflation)
+        known = process.q_sample(x0, t - 1, draw()) if int(t[0]) > 0 else x0
+        return mask * made + (1 - mask) * known
+
+    return process.reverse(x, step)

@@ -103,9 +103,28 @@ def thumbnail(image: np.ndarray, values: np.ndarray, truth: np.ndarray, pixel_th
     overlay = (0.55 * image.astype(np.float32) + 0.45 * colourise(values).astype(np.float32)).astype(np.uint8)
     overlay[_outline(values >= pixel_threshold)] = PREDICTED_COLOUR
     overlay[_outline(truth)] = GROUND_TRUTH_COLOUR
+    return _data_uri(overlay)
+
+
+def _data_uri(image: np.ndarray) -> str:
     buffer = io.BytesIO()
-    Image.fromarray(overlay).save(buffer, format="JPEG", quality=85)
+    Image.fromarray(image).save(buffer, format="JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def generated_section(defects: list | None) -> str:
+    """A row of the run's pixel-DAGM samples (`_generator.Defect`), each mask outlined in green."""
+    if not defects:
+        return ""
+    cards = []
+    for defect in defects:
+        image = defect.image.copy()
+        image[_outline(defect.mask)] = GROUND_TRUTH_COLOUR
+        cards.append(f'<figure><img alt="generated defect" src="{_data_uri(image)}"><figcaption>tau {defect.tau:.2f}, '
+                     f'change {defect.change:.3f}</figcaption></figure>')
+    return (f"<h2>Generated defects</h2>\n<p>{len(defects)} samples of the run's generator (DAGM in pixels, "
+            f"<code>hdm generate</code>) from held-out normal images; <span style=\"color:#0a0\">green</span>: the "
+            f'mask.</p>\n<div class="gallery">{"".join(cards)}</div>\n')
 
 
 def gallery_order(labels: np.ndarray, scores: np.ndarray, image_threshold: float) -> np.ndarray:
@@ -120,7 +139,8 @@ def _outcome(label: int, flagged: bool) -> str:
 
 
 def write_report(path: Path, evaluation: Evaluation, thresholds: tuple[float, float], title: str, image_size: int,
-                 gallery_size: int = 48) -> None:
+                 gallery_size: int = 48, generated: list | None = None) -> None:
+    """The page; `generated`: a row of the run's pixel-DAGM samples (`_generator.Defect`), when it has a generator."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,6 +182,6 @@ pixel threshold {pixel_threshold:.4f}, both calibrated on held-out normal images
 <p>Heatmap overlay at model size; <span style="color:#0a0">green</span>: ground truth,
 <span style="color:#c0c">magenta</span>: predicted mask. {len(cards)} of {len(labels)} images shown.</p>
 <div class="gallery">{"".join(cards)}</div>
-</body></html>
+{generated_section(generated)}</body></html>
 """
     write_bytes_atomic(path, page.encode())

@@ -3,7 +3,8 @@
 The command line, the bench scripts and library users all call these; none keeps its own copy of
 the glue. A run folder holds `model.pt` (weights, configuration, calibration, where the data came
 from), `train_log.json`, and after a test `metrics.json` and `report.html`; `training_state.pt`
-exists only while a fit runs or after it was interrupted.
+exists only while a fit runs or after it was interrupted. `hdm fit-generator` adds `generator.pt`
+(DAGM in pixels), with `generator_state.pt` while it trains.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ._data import HDMInputError
 if TYPE_CHECKING:
     import torch
 
+    from ._generator import PixelGenerator
     from ._inference import Evaluation
     from ._layouts import DataSource
     from ._model import HDM
@@ -26,6 +28,8 @@ if TYPE_CHECKING:
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "training_state.pt"  # exists only while a fit is running or was interrupted
+GENERATOR_FILE = "generator.pt"
+GENERATOR_STATE_FILE = "generator_state.pt"
 
 Log = Callable[[str], None]
 
@@ -169,6 +173,63 @@ def train_and_save(config: HDMConfig, train: list[Path], holdout: list[Path], ru
     return Run(run, model, history, holdout)
 
 
+def stored_config(run: Path) -> HDMConfig | None:
+    """The settings of the model in `run`, if it holds one: a generator fitted later shares them."""
+    from ._store import load_checkpoint
+
+    return load_checkpoint(run / MODEL_FILE)[0] if (run / MODEL_FILE).exists() else None
+
+
+def fit_generator_run(run: Path, source: "DataSource | None" = None, config: HDMConfig | None = None,
+                      overwrite: bool = False, log: Log | None = None, progress: bool = True,
+                      device: str = "cpu") -> "PixelGenerator":
+    """Train the run's pixel generator (DAGM in pixels) on its normal training images (the calibration
+    hold-out left out, as for the detector) and save it as generator.pt. Data and settings default to
+    those of the model in the run; a fit interrupted earlier continues from generator_state.pt."""
+    from ._device import checked_device
+    from ._generator import fit_generator
+    from ._layouts import DataSource
+    from ._store import load_checkpoint, load_generator_state, parse_config, save_generator, save_generator_state, write_json
+
+    device = checked_device(device, "fp32")
+    log = log or _silent
+    state_file = run / GENERATOR_STATE_FILE
+    if (run / GENERATOR_FILE).exists() and not overwrite:
+        raise HDMInputError(f"{run}: run folder already holds a generator (use --overwrite to replace it)")
+    state = None
+    if state_file.exists() and not overwrite:
+        if source is not None or config is not None:
+            raise HDMInputError(f"{run}: holds an interrupted generator fit: run the command again without data or "
+                                f"settings to continue it, or with --overwrite to start again")
+        state = load_generator_state(state_file)
+        config, source = parse_config(state_file, state["config"]), DataSource.from_dict(state["extra"]["source"])
+    else:
+        state_file.unlink(missing_ok=True)
+        model_extra = load_checkpoint(run / MODEL_FILE)[2] if (run / MODEL_FILE).exists() else {}
+        if source is None:
+            if "source" not in model_extra:
+                raise HDMInputError(f"{run}: holds no model to take the data from: give --data/--category or --normal-dir")
+            source = DataSource.from_dict(model_extra["source"])
+        config = config or stored_config(run) or HDMConfig()
+    config.validate()
+    train, holdout, extra = split_data(config, source)
+    if state is not None:
+        check_same_data(state, train, holdout, source)
+    run.mkdir(parents=True, exist_ok=True)
+
+    def keep(training: dict) -> None:
+        save_generator_state(state_file, {**training, "config": config.to_dict(), "extra": extra})
+
+    model, history = fit_generator(config, train, progress=progress, log=log, checkpoint=keep, resume_from=state,
+                                   device=device)
+    extra = {**extra, "training": history.summary()}
+    save_generator(run / GENERATOR_FILE, config, model.state_dict(), extra)
+    write_json(run / "generator_log.json", {**extra, "losses": history.losses[::10]})
+    state_file.unlink(missing_ok=True)
+    log(f"fit-generator: done in {history.seconds:.0f}s, generator saved to {run / GENERATOR_FILE}")
+    return model
+
+
 def test_run(run: Path, source: "DataSource | None" = None, progress: bool = True,
              report: bool = True, device: str = "cpu", precision: str = "fp32") -> "Evaluation":
     """Evaluate the run on labelled test data (by default its own) at its calibrated thresholds, on
@@ -194,5 +255,25 @@ def test_run(run: Path, source: "DataSource | None" = None, progress: bool = Tru
     write_json(run / "metrics.json", result)
     if report:
         write_report(run / "report.html", evaluation, thresholds, title=f"hdm test: {source.describe()}",
-                     image_size=model.image_size)
+                     image_size=model.image_size, generated=report_samples(run, device))
     return evaluation
+
+
+REPORT_SAMPLES = 6
+
+
+def report_samples(run: Path, device: str) -> list | None:
+    """A few defects from the run's generator, if it has one, made from its held-out normal images
+    (seed 0, so the report is the same each time); None without a generator."""
+    from ._data import load_images_resized
+    from ._device import place
+    from ._generator import make_defects
+    from ._store import load_generator
+
+    if not (run / GENERATOR_FILE).exists():
+        return None
+    model, extra = load_generator(run / GENERATOR_FILE)
+    place(model, device)
+    paths = [Path(p) for p in extra["holdout"][:REPORT_SAMPLES]]
+    images = load_images_resized(paths, model.image_size)
+    return make_defects(model, images, REPORT_SAMPLES, seed=0, progress=False)[0]

@@ -22,6 +22,8 @@ CHECKPOINT_VERSION = 4  # 2: calibration buffers and configuration; 3: stride-4 
 TRAINING_STATE_FORMAT = "hdm-training-state"
 TRAINING_STATE_VERSION = 4  # 2: the DDM's head and refinement saved together; 3: DAGM's four appearance families;
 # 4: every data-parallel rank's random state
+GENERATOR_FORMAT, GENERATOR_VERSION = "hdm-generator", 1
+GENERATOR_STATE_FORMAT, GENERATOR_STATE_VERSION = "hdm-generator-state", 1
 
 
 def _umask() -> int:
@@ -130,3 +132,27 @@ def load_model(path: Path):
     model.load_trained_state(state)
     model.eval()
     return model, extra
+
+
+def save_generator(path: Path, config: HDMConfig, state: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+    _save_payload(path, {"format": GENERATOR_FORMAT, "version": GENERATOR_VERSION, "config": config.to_dict(),
+                         "state": state, "extra": extra})
+
+
+def load_generator(path: Path):
+    """The pixel generator of a run (`hdm fit-generator`), with what the run recorded about it."""
+    from ._generator import PixelGenerator
+
+    payload = _load_payload(path, GENERATOR_FORMAT, GENERATOR_VERSION, "generator")
+    model = PixelGenerator(parse_config(path, payload["config"]))
+    model.load_state_dict(payload["state"])
+    model.eval()
+    return model, payload.get("extra", {})
+
+
+def save_generator_state(path: Path, state: dict[str, Any]) -> None:
+    _save_payload(path, {"format": GENERATOR_STATE_FORMAT, "version": GENERATOR_STATE_VERSION, **state})
+
+
+def load_generator_state(path: Path) -> dict[str, Any]:
+    return _load_payload(path, GENERATOR_STATE_FORMAT, GENERATOR_STATE_VERSION, "generator training state")

@@ -51,6 +51,13 @@ def encode(space: Space, images: np.ndarray, batch_size: int = 16, desc: str = "
     return Encoded.cat(chunks)
 
 
+def one_cycle(optimiser: torch.optim.Optimizer, lr: float, steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    """The learning-rate schedule of every network hdm trains: a 5% warm-up to `lr`, then cosine decay."""
+    # OneCycleLR divides by zero when its warm-up is exactly one step (20 steps at 5%)
+    warmup = 0.05 if steps != 20 else 0.1
+    return torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps, pct_start=warmup)
+
+
 @dataclass
 class TrainingLog:
     losses: list[dict[str, float]] = field(default_factory=list)
@@ -187,10 +194,7 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
     ema = copy.deepcopy(denoiser).requires_grad_(False)
     params = list(denoiser.parameters()) + list(ddm.parameters())
     optimiser = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=1e-4)
-    # OneCycleLR divides by zero when its warm-up is exactly one step (20 steps at 5%)
-    warmup = 0.05 if config.train.steps != 20 else 0.1
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.train.lr, total_steps=config.train.steps,
-                                                   pct_start=warmup)
+    schedule = one_cycle(optimiser, config.train.lr, config.train.steps)
     parts = TrainingParts(denoiser, ddm, ema, optimiser, schedule,
                           DAGM(config.dagm, diffusion, space.grid, space.map_grid), rng, generator, TrainingLog())
     first = 0

@@ -1,0 +1,161 @@
+"""How real DAGM's pixel defects look, measured against the real test defects and against the pasted
+appearance anomalies DAGM used before (shuffled patches, foreign textures, stains, brightness changes).
+
+    .venv/bin/python bench/realism.py [--root ../shared/datasets] [--categories bottle,...] [--samples 100]
+                                      [--runs bench-runs/realism] [--out bench/results/realism.md]
+
+Per category: a generator is fitted with the default settings (`hdm fit-generator`, timed) into
+RUNS/<category> unless one is there. Then four sets of masked regions:
+- real: every defective test image with its ground-truth mask;
+- generated: --samples defects from the generator (`make_defects`: the training normals in turn,
+  Perlin masks in a random window, POM's band);
+- paste: today's appearance anomalies (`appearance_anomaly`) on the same normals inside the same masks,
+  so that only the content differs;
+- normal: the same normals and masks untouched, the distance a region has when nothing is changed.
+A region's descriptor is the mean, over the stride-8 cells its mask covers at least half (the most
+covered one if none), of the frozen Lite0 features hdm's feature space computes (z, standardised per
+channel over the training normals). No Inception network exists offline, so these replace it.
+KID: the unbiased squared MMD with the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3, mean and spread
+over 100 random subsets of min(n, 50) per set. Diversity: the mean pairwise distance within a set.
+Goal (issue 19): generated closer to real than paste on every category, at no less diversity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hdm._config import HDMConfig
+from hdm._dagm import appearance_anomaly, foreign_textures, is_grayscale
+from hdm._data import iter_batches, load_images_resized, sample_mask
+from hdm._generator import make_defects
+from hdm._layouts import DataSource
+from hdm._runs import GENERATOR_FILE, fit_generator_run, split_data
+from hdm._space import FeatureSpace
+from hdm._store import load_generator
+from hdm._train import encode
+
+CATEGORIES = {"bottle": "mvtec_ad", "metal_plate": "mpdd", "magnetic_tile": "magnetic_tile", "brain_flair": "lgg_mri"}
+SUBSETS, SUBSET_SIZE = 100, 50
+
+
+def descriptors(space: FeatureSpace, images: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """N x C: each image's standardised z averaged over the cells its mask covers (see the module's text)."""
+    z = space.normalise(encode(space, images, progress=False)).z
+    cover = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(masks).float()[:, None], z.shape[-1])[:, 0]
+    weights = (cover >= 0.5).float()
+    empty = weights.flatten(1).sum(1) == 0
+    if empty.any():
+        best = cover[empty].flatten(1).argmax(1)
+        weights[empty] = torch.nn.functional.one_hot(best, cover[0].numel()).float().view(-1, *cover.shape[1:])
+    pooled = (z * weights[:, None]).flatten(2).sum(2) / weights.flatten(1).sum(1, keepdim=True)
+    return pooled.double().numpy()
+
+
+def kid(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
+    """(mean, standard deviation) over subsets of the unbiased MMD^2 with the cubic polynomial kernel."""
+    d, m = x.shape[1], min(len(x), len(y), SUBSET_SIZE)
+    values = []
+    for _ in range(SUBSETS):
+        a, b = x[rng.choice(len(x), m, replace=False)], y[rng.choice(len(y), m, replace=False)]
+        kxx, kyy, kxy = ((a @ a.T / d + 1) ** 3, (b @ b.T / d + 1) ** 3, (a @ b.T / d + 1) ** 3)
+        off = ~np.eye(m, dtype=bool)
+        values.append(kxx[off].mean() + kyy[off].mean() - 2 * kxy.mean())
+    return float(np.mean(values)), float(np.std(values))
+
+
+def diversity(x: np.ndarray) -> float:
+    distances = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+    return float(distances[~np.eye(len(x), dtype=bool)].mean())
+
+
+def real_regions(source: DataSource, size: int) -> tuple[np.ndarray, np.ndarray]:
+    samples = [s for s in source.test_samples() if s.label == 1]
+    images, masks = [], []
+    for batch in iter_batches(samples, size, 16):
+        images.append(batch.images)
+        masks += [sample_mask(s, shape, size) for s, shape in zip(batch.samples, batch.shapes)]
+    keep = [i for i, m in enumerate(masks) if m.any()]  # a defective image without a mask has no region
+    return np.concatenate(images)[keep], np.stack(masks)[keep]
+
+
+def category_rows(root: Path, category: str, runs: Path, samples: int) -> dict:
+    source = DataSource.detect(root / CATEGORIES[category], category)
+    config = HDMConfig()
+    run = runs / category
+    fitted = None
+    if not (run / GENERATOR_FILE).exists():
+        started = time.perf_counter()
+        fit_generator_run(run, source, config, log=lambda m: print(m, file=sys.stderr), progress=False)
+        fitted = time.perf_counter() - started
+    generator, extra = load_generator(run / GENERATOR_FILE)
+    train = split_data(config, source)[0]
+    normals = load_images_resized(train, config.space.image_size)
+    started = time.perf_counter()
+    defects, rejected = make_defects(generator, normals, samples, seed=0, progress=False)
+    generate_seconds = time.perf_counter() - started
+    masks = np.stack([d.mask for d in defects])
+    starts = normals[[d.source for d in defects]]
+    rng = np.random.default_rng(0)
+    textures, grey = foreign_textures(config.space.image_size), is_grayscale(normals)
+    pasted = np.stack([appearance_anomaly(image, normals[int(rng.integers(len(normals)))], textures, rng, config.dagm,
+                                          grey, mask)[0] for image, mask in zip(starts, masks)])
+
+    space = FeatureSpace(config.space).eval()
+    space.fit_statistics(encode(space, normals, progress=False))
+    sets = {"real": descriptors(space, *real_regions(source, config.space.image_size)),
+            "generated": descriptors(space, np.stack([d.image for d in defects]), masks),
+            "paste": descriptors(space, pasted, masks),
+            "normal": descriptors(space, starts, masks)}
+    rng = np.random.default_rng(0)
+    rows = {name: {"n": len(x), "kid": kid(x, sets["real"], rng), "diversity": diversity(x)} for name, x in sets.items()}
+    return {"rows": rows, "rejected": rejected, "generate_seconds_per_sample": generate_seconds / len(defects),
+            "fit_seconds": fitted if fitted is not None else extra["training"]["train_seconds"],
+            "fit_timed_here": fitted is not None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "datasets")
+    parser.add_argument("--categories", default=",".join(CATEGORIES))
+    parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--runs", type=Path, default=Path("bench-runs/realism"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results/realism.md"))
+    args = parser.parse_args()
+    command = "python bench/realism.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    lines = [f"# Realism of DAGM's pixel defects\n\nProduced by `{command}` (2 CPU cores). KID x 1000 against the "
+             f"real test defects (lower is closer; mean ± spread over {SUBSETS} subsets), diversity = mean pairwise "
+             f"distance (standardised Lite0 features of the masked regions; see bench/realism.py).\n",
+             "| category | set | regions | KID x 1000 | diversity |", "|---|---|---|---|---|"]
+    notes = []
+    for category in args.categories.split(","):
+        if not (args.root / CATEGORIES[category] / category).is_dir():
+            notes.append(f"- {category}: skipped, no data at {args.root / CATEGORIES[category] / category}")
+            continue
+        result = category_rows(args.root, category, args.runs, args.samples)
+        for name, row in result["rows"].items():
+            lines.append(f"| {category} | {name} | {row['n']} | {1000 * row['kid'][0]:.2f} ± {1000 * row['kid'][1]:.2f} "
+                         f"| {row['diversity']:.2f} |")
+        rows = result["rows"]
+        closer = rows["generated"]["kid"][0] < rows["paste"]["kid"][0]
+        diverse = rows["generated"]["diversity"] >= rows["paste"]["diversity"]
+        notes.append(f"- {category}: generated {'closer to' if closer else 'farther from'} real than paste, "
+                     f"{'at no less' if diverse else 'at less'} diversity; generator fitted in "
+                     f"{result['fit_seconds']:.0f} s{'' if result['fit_timed_here'] else ' (its own log: fitted earlier)'}, "
+                     f"{result['generate_seconds_per_sample']:.2f} s per accepted sample, {result['rejected']} draws "
+                     f"rejected by POM")
+        print(lines[-1], file=sys.stderr)
+    text = "\n".join(lines + ["", *notes, ""])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
