@@ -2,7 +2,7 @@
 appearance anomalies DAGM used before (shuffled patches, foreign textures, stains, brightness changes).
 
     .venv/bin/python bench/realism.py [--root ../shared/datasets] [--categories bottle,...] [--samples 100]
-                                      [--runs bench-runs/realism] [--out bench/results/realism.md]
+                                      [--runs runs/realism] [--out bench/results/realism.md]
 
 Per category: a generator is fitted with the default settings (`hdm fit-generator`, timed) into
 RUNS/<category> unless one is there. Then four sets of masked regions:
@@ -16,7 +16,8 @@ A region's descriptor is the mean, over the stride-8 cells its mask covers at le
 covered one if none), of the frozen Lite0 features hdm's feature space computes (z, standardised per
 channel over the training normals). No Inception network exists offline, so these replace it.
 KID: the unbiased squared MMD with the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3, mean and spread
-over 100 random subsets of min(n, 50) per set. Diversity: the mean pairwise distance within a set.
+over 100 random subsets of min(n, 50) per set; the real row compares two disjoint halves of the real
+regions (the floor). Diversity: the mean pairwise distance within a set.
 Goal (issue 19): generated closer to real than paste on every category, at no less diversity.
 """
 
@@ -58,12 +59,18 @@ def descriptors(space: FeatureSpace, images: np.ndarray, masks: np.ndarray) -> n
     return pooled.double().numpy()
 
 
-def kid(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
-    """(mean, standard deviation) over subsets of the unbiased MMD^2 with the cubic polynomial kernel."""
-    d, m = x.shape[1], min(len(x), len(y), SUBSET_SIZE)
+def kid(x: np.ndarray, y: np.ndarray | None, rng: np.random.Generator) -> tuple[float, float]:
+    """(mean, standard deviation) over subsets of the unbiased MMD^2 with the cubic polynomial kernel;
+    y = None compares two disjoint halves of x (the floor: a set against itself)."""
+    d = x.shape[1]
+    m = min(len(x) // 2, SUBSET_SIZE) if y is None else min(len(x), len(y), SUBSET_SIZE)
     values = []
     for _ in range(SUBSETS):
-        a, b = x[rng.choice(len(x), m, replace=False)], y[rng.choice(len(y), m, replace=False)]
+        if y is None:
+            pick = rng.permutation(len(x))
+            a, b = x[pick[:m]], x[pick[m:2 * m]]
+        else:
+            a, b = x[rng.choice(len(x), m, replace=False)], y[rng.choice(len(y), m, replace=False)]
         kxx, kyy, kxy = ((a @ a.T / d + 1) ** 3, (b @ b.T / d + 1) ** 3, (a @ b.T / d + 1) ** 3)
         off = ~np.eye(m, dtype=bool)
         values.append(kxx[off].mean() + kyy[off].mean() - 2 * kxy.mean())
@@ -114,7 +121,8 @@ def category_rows(root: Path, category: str, runs: Path, samples: int) -> dict:
             "paste": descriptors(space, pasted, masks),
             "normal": descriptors(space, starts, masks)}
     rng = np.random.default_rng(0)
-    rows = {name: {"n": len(x), "kid": kid(x, sets["real"], rng), "diversity": diversity(x)} for name, x in sets.items()}
+    rows = {name: {"n": len(x), "kid": kid(x, None if name == "real" else sets["real"], rng), "diversity": diversity(x)}
+            for name, x in sets.items()}
     return {"rows": rows, "rejected": rejected, "generate_seconds_per_sample": generate_seconds / len(defects),
             "fit_seconds": fitted if fitted is not None else extra["training"]["train_seconds"],
             "fit_timed_here": fitted is not None}
@@ -125,12 +133,12 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "datasets")
     parser.add_argument("--categories", default=",".join(CATEGORIES))
     parser.add_argument("--samples", type=int, default=100)
-    parser.add_argument("--runs", type=Path, default=Path("bench-runs/realism"))
+    parser.add_argument("--runs", type=Path, default=Path("runs/realism"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/realism.md"))
     args = parser.parse_args()
     command = "python bench/realism.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     lines = [f"# Realism of DAGM's pixel defects\n\nProduced by `{command}` (2 CPU cores). KID x 1000 against the "
-             f"real test defects (lower is closer; mean ± spread over {SUBSETS} subsets), diversity = mean pairwise "
+             f"real test defects (lower is closer; mean ± spread over {SUBSETS} subsets; the real row: two disjoint halves of it, the floor), diversity = mean pairwise "
              f"distance (standardised Lite0 features of the masked regions; see bench/realism.py).\n",
              "| category | set | regions | KID x 1000 | diversity |", "|---|---|---|---|---|"]
     notes = []
