@@ -1,7 +1,7 @@
 """Accuracy benchmark on the real data: HDM vs the nearest-neighbour anchor, plus the ablations.
 
     .venv/bin/python bench/accuracy.py [--categories C ...] [--ablation [KEY ...]] [--seeds 0 1 ...] [--steps N]
-                                       [--set SECTION.KEY=VALUE ...] [--out bench/results/accuracy.md]
+                                       [--set SECTION.KEY=VALUE ...] [--generators DIR] [--out bench/results/accuracy.md]
     .venv/bin/python bench/accuracy.py --merge PART.json ... --out bench/results/accuracy.md
 
 Trains and tests each category at the default settings (256^2, lite0) and writes a Markdown table
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -30,10 +31,10 @@ from hdm._data import load_images_resized
 from hdm._inference import evaluate
 from hdm._layouts import DataSource
 from hdm._metrics import METRIC_KEYS, per_group_metrics, per_type_metrics
-from hdm._runs import fit_run, test_run
+from hdm._runs import GENERATOR_FILE, fit_generator_run, fit_run, test_run
 from hdm._runtime import keep_freed_memory
 from hdm._space import FeatureSpace
-from hdm._store import write_bytes_atomic, write_json
+from hdm._store import load_generator, write_bytes_atomic, write_json
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 CATEGORIES = {"bottle": DATASETS / "mvtec_ad", "metal_plate": DATASETS / "mpdd",
@@ -57,6 +58,9 @@ ABLATIONS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
     "no-refinement": ("DDM without the stride-4 refinement", {"ddm.refine": False}, ("bottle", "metal_plate", *NEW)),
     "no-raise-penalty": ("POM without the refinement's raise penalty", {"pom.lambda_refine_raise": 0.0},
                          ("bottle", *NEW)),
+    # An addition, not a removal: its rows' train seconds include fitting the generator first.
+    "pixel-dagm": ("with pixel-DAGM defects as a quarter of the appearance anomalies", {"dagm.pixel_share": 0.25},
+                   CATEGORIES.keys()),
 }
 
 
@@ -91,15 +95,39 @@ def run_anchor(root: Path, category: str, config: HDMConfig) -> dict:
     return {**detail(evaluation), "train_seconds": 0.0, "total_seconds": time.perf_counter() - started}
 
 
-def run_hdm(root: Path, category: str, config: HDMConfig) -> dict:
+def earlier_generator(generators: Path | None, category: str, config: HDMConfig) -> Path | None:
+    """generators/<category>/generator.pt if it was fitted at this run's settings and seed (the hold-out
+    split is checked again when the fit loads it), else None."""
+    path = None if generators is None else generators / category / GENERATOR_FILE
+    if path is None or not path.is_file():
+        return None
+    stored = load_generator(path)[0].config
+    same = all(getattr(stored, part) == getattr(config, part) for part in ("space", "diffusion", "generator", "calibration"))
+    return path if same and stored.train.seed == config.train.seed else None
+
+
+def run_hdm(root: Path, category: str, config: HDMConfig, generators: Path | None = None) -> dict:
     """`hdm fit` + `hdm test` (the same functions, into a scratch run folder): train on 90% of the normal
-    images, calibrate on the rest, evaluate at the calibrated thresholds."""
+    images, calibrate on the rest, evaluate at the calibrated thresholds; `hdm fit-generator` first when
+    DAGM draws on the pixel generator, unless `generators`/<category> holds one fitted on this run's
+    images at its settings (bench/realism.py's are, for seed 0): its fit time is then its own log's."""
+    source, log = DataSource.detect(root, category), (lambda m: print(m, file=sys.stderr))
+    generator_seconds = 0.0
     with tempfile.TemporaryDirectory(prefix="hdm-bench-") as folder:
-        run = fit_run(config, DataSource.detect(root, category), Path(folder), log=lambda m: print(m, file=sys.stderr),
-                      progress=False)
+        if config.dagm.pixel_share > 0:  # `hdm fit-generator` into the run, then `hdm fit`
+            earlier = earlier_generator(generators, category, config)
+            if earlier is not None:
+                shutil.copy(earlier, Path(folder) / GENERATOR_FILE)
+                generator_seconds = load_generator(earlier)[1]["training"]["train_seconds"]
+            else:
+                started = time.perf_counter()
+                fit_generator_run(Path(folder), source, config, log=log, progress=False)
+                generator_seconds = time.perf_counter() - started
+        run = fit_run(config, source, Path(folder), log=log, progress=False)
         evaluation = test_run(run.path, progress=False, report=False)
     summary = run.training.summary()
-    return {**detail(evaluation), "train_seconds": run.training.seconds, "tau_final": summary["tau"],
+    return {**detail(evaluation), "train_seconds": run.training.seconds + generator_seconds,
+            "generator_seconds": generator_seconds, "tau_final": summary["tau"],
             "rejected_fraction": summary["rejected_fraction"], "holdout_images": len(run.holdout)}
 
 
@@ -168,6 +196,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.NAME=VALUE",
                         help="an override applied to every HDM row, as `hdm fit --set` (named in the table's command)")
+    parser.add_argument("--generators", type=Path, metavar="DIR",
+                        help="pixel-dagm rows: reuse DIR/<category>/generator.pt where it was fitted at the row's "
+                             "settings and seed (bench/realism.py's --runs), instead of fitting one")
     parser.add_argument("--merge", type=Path, nargs="+", metavar="PART.json", help="join bench parts into one table")
     parser.add_argument("--out", type=Path, default=Path("bench/results/accuracy.md"))
     args = parser.parse_args()
@@ -195,7 +226,7 @@ def main() -> None:
         anchor = run_anchor(root, category, configured({}, [], args.steps, args.seeds[0]))
         rows.append({"category": category, "method": "nearest-neighbour anchor", "seed": args.seeds[0], **anchor})
         for name, config_overrides, seed in runs:
-            result = run_hdm(root, category, configured(config_overrides, args.set, args.steps, seed))
+            result = run_hdm(root, category, configured(config_overrides, args.set, args.steps, seed), args.generators)
             rows.append({"category": category, "method": name, "seed": seed, **result})
             # Written after every row: a long part that is stopped keeps the rows it finished.
             write(args.out, [command], rows, quiet=True)

@@ -124,6 +124,7 @@ def category_rows(root: Path, category: str, runs: Path, samples: int) -> dict:
     rows = {name: {"n": len(x), "kid": kid(x, None if name == "real" else sets["real"], rng), "diversity": diversity(x)}
             for name, x in sets.items()}
     return {"rows": rows, "rejected": rejected, "generate_seconds_per_sample": generate_seconds / len(defects),
+            "generate_seconds_per_draw": generate_seconds / (len(defects) + rejected),
             "fit_seconds": fitted if fitted is not None else extra["training"]["train_seconds"],
             "fit_timed_here": fitted is not None}
 
@@ -156,9 +157,9 @@ def main() -> None:
         notes.append(f"- {category}: generated {'closer to' if closer else 'farther from'} real than paste, "
                      f"{'at no less' if diverse else 'at less'} diversity; generator fitted in "
                      f"{result['fit_seconds']:.0f} s{'' if result['fit_timed_here'] else ' (its own log: fitted earlier)'}, "
-                     f"{result['generate_seconds_per_sample']:.2f} s per accepted sample, {result['rejected']} draws "
-                     f"rejected by POM")
-        print(lines[-1], file=sys.stderr)
+                     f"{result['generate_seconds_per_sample']:.2f} s per accepted sample "
+                     f"({result['generate_seconds_per_draw']:.2f} s per draw), {result['rejected']} draws rejected by POM")
+        print("\n".join(lines[-len(result["rows"]):] + notes[-1:]), file=sys.stderr)
     text = "\n".join(lines + ["", *notes, ""])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

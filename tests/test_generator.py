@@ -19,6 +19,7 @@ from hdm._config import resolve
 from hdm._dagm import crop_box, regenerate, window_mask
 from hdm._diffusion import GaussianDiffusion, strided_timesteps
 from hdm._generator import PixelGenerator, from_pixels, make_defects, to_pixels
+from hdm._layouts import DataSource
 from hdm._unet import PixelUNet
 
 HDM = [sys.executable, "-m", "hdm"]
@@ -153,7 +154,7 @@ def tiny_run(tmp_path, normals):
 
 
 def test_generate_writes_an_mvtec_layout_set_that_a_seed_reproduces(tmp_path, tiny_run):
-    out = tmp_path / "set"
+    out = tmp_path / "sets" / "made"
     args = ["generate", "--run", str(tiny_run), "--count", "5", "--seed", "3", "--with-normals", "-q"]
     result = CliRunner().invoke(main, [*args, "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -169,6 +170,9 @@ def test_generate_writes_an_mvtec_layout_set_that_a_seed_reproduces(tmp_path, ti
         pixels, m = np.asarray(Image.open(image)), np.asarray(Image.open(mask)) > 127
         normal = np.asarray(Image.open(row["source"]))
         assert m.any() and np.array_equal(pixels[~m], normal[~m])
+    # a category in the MVTec AD layout that `hdm test --data sets --category made` reads
+    samples = DataSource.detect(tmp_path / "sets", "made").test_samples()
+    assert sorted(s.label for s in samples) == [0, 0, 1, 1, 1, 1, 1]
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.size[0] > 3 * 160 and sheet.size[1] >= 5 * 160
 
@@ -242,3 +246,28 @@ def test_generator_settings_are_checked_in_one_line(tmp_path, normals):
     _one_line_error([*base, "--set", "generator.t_start=0"], "generator.t_start must lie inside")
     _one_line_error([*base, "--set", "generator.mults=1,2"], "generator.mults must be 4")
     _one_line_error(["fit-generator", "--run", str(tmp_path / "none")], "holds no model to take the data from")
+
+
+def test_the_detector_draws_on_the_runs_generator_when_asked(tmp_path, tiny_run, normals):
+    fit = ["fit", "--normal-dir", str(normals), "--out", str(tiny_run), "--image-size", "64", "--steps", "3",
+           "--batch-size", "4", "--set", "dagm.pixel_share=1.0"]
+    result = CliRunner().invoke(main, fit)
+    assert result.exit_code == 0, result.output + result.stderr
+    # every slot of the pool: 2 training images x 2 anomalies each, all accepted in the test's wide band
+    assert "4 appearance anomalies (4 by the pixel generator)" in result.stderr
+    _one_line_error([*fit[:4], str(tmp_path / "elsewhere"), *fit[5:]], "draws on the run's generator: train it first")
+    _one_line_error([*fit, "--overwrite", "--seed", "1"], "trained on other images than this fit")
+    _one_line_error([*fit, "--overwrite", "--image-size", "96"], "makes 64-pixel images, this fit's are 96")
+
+
+def test_the_api_fits_a_generator_and_generates(tmp_path, normals):
+    import hdm
+
+    settings = {"space.image_size": 64, "generator.width": 8, "generator.mults": (1, 1, 1, 1), "generator.crop_size": 16,
+                "generator.batch_size": 4, "generator.steps": 5, "generator.mask_window": 32,
+                "generator.sample_steps": 3, "generator.change_low": 0.0, "generator.change_high": 1e9}
+    hdm.fit_generator(tmp_path / "run", normal_dir=normals, settings=settings)
+    defects = hdm.generate(tmp_path / "run", 3, out=tmp_path / "set", seed=1)
+    assert len(defects) == 3 and all(isinstance(d, hdm.Defect) for d in defects)
+    assert all(d.image.shape == (64, 64, 3) and d.mask.shape == (64, 64) for d in defects)
+    assert len(list((tmp_path / "set" / "test" / "generated").iterdir())) == 3

@@ -8,15 +8,18 @@ Importing hdm is cheap: torch loads on first use of a name.
     run = hdm.fit("datasets/mvtec_ad", "bottle", out="runs/bottle")
     detector = hdm.load("runs/bottle")          # or an exported model.onnx
     verdicts = detector.predict(["part.png"])   # [ImagePrediction(score, probability, is_defect, map, mask)]
+    hdm.fit_generator("runs/bottle")            # DAGM in pixels, on the run's data
+    defects = hdm.generate("runs/bottle", 50, out="defects/bottle")  # [Defect(image, mask, ...)], and the set on disk
 """
 
 from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 
-__all__ = ["fit", "resume", "test", "load", "Detector", "ImagePrediction", "BatchPrediction", "Metrics", "Run",
-           "HDMConfig", "HDMInputError", "keep_freed_memory"]
+__all__ = ["fit", "resume", "test", "load", "fit_generator", "generate", "Detector", "ImagePrediction",
+           "BatchPrediction", "Metrics", "Run", "Defect", "HDMConfig", "HDMInputError", "keep_freed_memory"]
 
-_HOMES = {"Run": "_runs", "HDMConfig": "_config", "HDMInputError": "_data", "keep_freed_memory": "_runtime"}
+_HOMES = {"Run": "_runs", "Defect": "_generator", "HDMConfig": "_config", "HDMInputError": "_data",
+          "keep_freed_memory": "_runtime"}
 
 try:
     __version__ = version("hdm")

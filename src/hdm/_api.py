@@ -10,7 +10,7 @@ import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ from ._device import device_of
 from ._model import to_model_input
 from ._predict import load_detector, resize_map
 from ._runs import Run, data_source, fit_run, resume_run, test_run
+
+if TYPE_CHECKING:
+    from ._generator import Defect
 
 ImageInput = Union[str, Path, np.ndarray]  # and PIL images, read through np.asarray
 
@@ -175,6 +178,37 @@ def test(run: str | Path, data: str | Path | None = None, category: str | None =
     source = data_source(Path(data), category) if data is not None else None
     return Metrics.from_dict(test_run(Path(run), source, progress=progress, report=report, device=device,
                                       precision=precision).metrics)
+
+
+def fit_generator(run: str | Path, data: str | Path | None = None, category: str | None = None, *,
+                  normal_dir: str | Path | None = None, config: HDMConfig | str | Path | None = None,
+                  settings: dict[str, Any] | Iterable[str] | None = None, overwrite: bool = False,
+                  progress: bool = False, log=None, device: str = "auto") -> None:
+    """As `hdm fit-generator`: train DAGM's pixel diffusion model into `run`, on the data given or else
+    the data of the model in it; called again after an interruption, it continues."""
+    from ._runs import fit_generator_run, stored_config
+
+    run = Path(run)
+    given = config is not None or settings
+    resolved = None
+    if given:
+        base = config if config is not None else stored_config(run)
+        resolved = (resolve(base, settings) if isinstance(settings, dict) else resolve(base, assignments=settings or ()))
+    source = (data_source(None if data is None else Path(data), category, None if normal_dir is None else Path(normal_dir))
+              if data is not None or normal_dir is not None else None)
+    fit_generator_run(run, source, resolved, overwrite, log=log, progress=progress, device=device)
+
+
+def generate(run: str | Path, count: int, out: str | Path, *, images: str | Path | None = None,
+             masks: str | Path | None = None, tau: float | None = None, seed: int = 0, with_normals: bool = False,
+             overwrite: bool = False, progress: bool = False, device: str = "auto") -> list["Defect"]:
+    """As `hdm generate`: `count` defect images with exact masks written to `out` (MVTec AD layout,
+    generated.csv, contact_sheet.png) and returned as `Defect`s (image, mask, source index, tau, change)."""
+    from ._generate import generate_run
+
+    as_path = lambda p: None if p is None else Path(p)  # noqa: E731
+    return generate_run(Path(run), Path(out), count, as_path(images), as_path(masks), tau, seed, with_normals,
+                        overwrite, device, progress)[0]
 
 
 def load(path: str | Path, device: str = "auto", precision: str = "fp32") -> Detector:

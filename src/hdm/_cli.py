@@ -12,7 +12,7 @@ import click
 
 from ._config import HDMConfig
 from ._data import HDMInputError
-from ._runs import GENERATOR_FILE, MODEL_FILE, data_source, fit_run, resume_run, test_run
+from ._runs import MODEL_FILE, data_source, fit_run, resume_run, test_run
 
 
 def _log(message: str) -> None:
@@ -279,20 +279,10 @@ def fit_generator_command(run, data, category, normal_dir, config_file, assignme
 @_fail_cleanly
 def generate_command(run, count, out, images_dir, mask_dir, tau, seed, with_normals, overwrite, device, quiet):
     """Make defect images with exact masks from normal ones: DAGM in pixels."""
-    from ._device import place
-    from ._generate import generate_set
-    from ._store import load_generator
+    from ._generate import generate_run
 
-    if not (run / GENERATOR_FILE).exists():
-        raise HDMInputError(f"{run}: no generator in this run (train one with `hdm fit-generator --run {run}`)")
-    if mask_dir is not None and images_dir is None:
-        raise HDMInputError("--mask-dir pairs masks with the images of --images: give both")
-    if tau is not None and tau < 0:
-        raise HDMInputError(f"--tau {tau}: must be >= 0")
-    model, extra = load_generator(run / GENERATOR_FILE)
-    place(model, device)
-    defects, rejected = generate_set(model, extra, out, count, images_dir, mask_dir, tau, seed, with_normals,
-                                     overwrite, progress=not quiet)
+    defects, rejected = generate_run(run, out, count, images_dir, mask_dir, tau, seed, with_normals, overwrite, device,
+                                     progress=not quiet)
     if not quiet:
         short = f" ({count - len(defects)} left out: their change stayed outside POM's band)" if len(defects) < count else ""
         _log(f"generate: {len(defects)} defect images in {out}{short}; {rejected} draws rejected by POM; "

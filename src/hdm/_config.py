@@ -52,6 +52,9 @@ class DAGMConfig:
     # head learns to keep its map inside the defect; cutting z back to the mask taught it that any
     # change is a defect, which left a halo around real ones (bench/results/accuracy.md ablation).
     appearance_spread: bool = True
+    # Share of the appearance anomalies made by the run's pixel generator (DAGM in pixels, `hdm
+    # fit-generator`, which must be in the run first) instead of pasted content.
+    pixel_share: float = 0.0
 
 
 @dataclass
@@ -228,6 +231,7 @@ class HDMConfig:
             (0 < self.dagm.t_a < self.diffusion.timesteps, "dagm.t_a must lie inside (0, timesteps)"),
             (0.0 <= self.dagm.p_anomaly <= 1.0, "dagm.p_anomaly must lie in [0, 1]"),
             (self.dagm.tau >= 0.0, "dagm.tau must be >= 0"),
+            (0.0 <= self.dagm.pixel_share <= 1.0, "dagm.pixel_share must lie in [0, 1]"),
             (0.0 <= self.ddm.top_k < 1.0, "ddm.top_k must lie in [0, 1)"),
             (self.train.steps > 0 and self.train.batch_size > 0, "train.steps and train.batch_size must be > 0"),
             (self.pom.change_low < self.pom.change_high, "pom.change_low must be below pom.change_high"),

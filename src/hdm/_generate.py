@@ -14,8 +14,10 @@ import numpy as np
 from ._data import HDMInputError, decode_image, list_images, load_images_resized, load_mask, resize_image, resize_mask
 from ._generator import Defect, PixelGenerator, make_defects
 from ._layouts import DataSource, mask_index
+from ._device import place
 from ._predict import csv_bytes
-from ._store import write_bytes_atomic, write_png
+from ._runs import GENERATOR_FILE, split_data
+from ._store import load_generator, write_bytes_atomic, write_png
 
 SHEET_ROWS = 12  # samples shown on the contact sheet
 SHEET_TILE = 160
@@ -48,8 +50,6 @@ def read_masks(mask_dir: Path, paths: list[Path], size: int) -> np.ndarray:
 
 def starting_images(model: PixelGenerator, extra: dict, images_dir: Path | None) -> list[Path]:
     """The normals to start from: a folder's images, or else the ones the generator was trained on."""
-    from ._runs import split_data
-
     if images_dir is not None:
         paths = list_images(images_dir)
         if not paths:
@@ -99,3 +99,18 @@ def generate_set(model: PixelGenerator, extra: dict, out: Path, count: int, imag
     write_png(out / "contact_sheet.png", contact_sheet(images, defects))
     return defects, rejected
 
+
+
+def generate_run(run: Path, out: Path, count: int, images_dir: Path | None = None, mask_dir: Path | None = None,
+                 tau: float | None = None, seed: int = 0, with_normals: bool = False, overwrite: bool = False,
+                 device: str = "auto", progress: bool = True) -> tuple[list[Defect], int]:
+    """`hdm generate`: the run's generator on `device` writes a set into `out` (see `generate_set`)."""
+    if not (run / GENERATOR_FILE).exists():
+        raise HDMInputError(f"{run}: no generator in this run (train one with `hdm fit-generator --run {run}`)")
+    if mask_dir is not None and images_dir is None:
+        raise HDMInputError("--mask-dir pairs masks with the images of --images: give both")
+    if tau is not None and tau < 0:
+        raise HDMInputError(f"--tau {tau}: must be >= 0")
+    model, extra = load_generator(run / GENERATOR_FILE)
+    place(model, device)
+    return generate_set(model, extra, out, count, images_dir, mask_dir, tau, seed, with_normals, overwrite, progress)

@@ -134,6 +134,27 @@ def resume_run(run: Path, log: Log | None = None, progress: bool = True, device:
     return train_and_save(config, train, holdout, run, extra, state, log, progress, device, precision)
 
 
+def pixel_generator(config: HDMConfig, run: Path, holdout: list[Path], device: "torch.device") -> "PixelGenerator | None":
+    """The run's generator when DAGM draws on it (`dagm.pixel_share` > 0): trained first, on these very
+    training images, or one line saying so."""
+    from ._device import place
+    from ._store import load_generator
+
+    if config.dagm.pixel_share <= 0:
+        return None
+    if not (run / GENERATOR_FILE).exists():
+        raise HDMInputError(f"{run}: dagm.pixel_share > 0 draws on the run's generator: train it first "
+                            f"(`hdm fit-generator --run {run}` with the same data and seed)")
+    generator, extra = load_generator(run / GENERATOR_FILE)
+    if generator.image_size != config.space.image_size:
+        raise HDMInputError(f"{run / GENERATOR_FILE}: makes {generator.image_size}-pixel images, this fit's are "
+                            f"{config.space.image_size}; train it again with `hdm fit-generator --run {run} --overwrite`")
+    if extra.get("holdout") != [str(p) for p in holdout]:
+        raise HDMInputError(f"{run / GENERATOR_FILE}: trained on other images than this fit (another data set or "
+                            f"seed); train it again with `hdm fit-generator --run {run} --overwrite`")
+    return place(generator, device)
+
+
 def train_and_save(config: HDMConfig, train: list[Path], holdout: list[Path], run: Path, extra: dict,
                    resume_from: dict | None, log: Log, progress: bool, device: "torch.device",
                    precision: str, keep_state: Callable[[dict], None] | None = None) -> Run:
@@ -154,7 +175,7 @@ def train_and_save(config: HDMConfig, train: list[Path], holdout: list[Path], ru
 
     keep = keep_state or keep_in_run
     model, history = fit(config, train, progress=progress, log=log, resume_from=resume_from, device=device,
-                         precision=precision,
+                         precision=precision, generator=pixel_generator(config, run, holdout, device),
                          checkpoint=lambda state: keep({**state, "config": config.to_dict(), "extra": extra}))
     calibrate(model, holdout, config.calibration.target_fpr, progress=progress)
     calibration = model.calibration.summary()

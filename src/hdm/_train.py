@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ from ._model import HDM, to_model_input
 from ._pom import adapt_tau, filter_samples, hybrid_loss, map_losses, masked_change, refinement_losses
 from ._progress import bar
 from ._space import Encoded, Space
+
+if TYPE_CHECKING:
+    from ._generator import PixelGenerator
 
 
 def seed_everything(seed: int) -> None:
@@ -77,24 +81,37 @@ class TrainingLog:
                 "rejected_fraction": self.rejected / max(1, self.synthetic), "train_seconds": self.seconds}
 
 
-def build_appearance_pool(space: Space, images: np.ndarray, config: HDMConfig,
-                          rng: np.random.Generator, progress: bool) -> tuple[Encoded, torch.Tensor]:
+def build_appearance_pool(space: Space, images: np.ndarray, config: HDMConfig, rng: np.random.Generator,
+                          progress: bool, generator: "PixelGenerator | None" = None) -> tuple[Encoded, torch.Tensor, int]:
     """Pixel-space anomalies (DAGM content b), encoded once: N x k leading dimensions, soft masks on
-    the map's grid."""
+    the map's grid, and how many of them the pixel generator made. With a `generator`, a
+    `dagm.pixel_share` of the slots holds its defects (a slot whose draws POM rejected keeps a pasted one)."""
+    from ._generator import make_defects  # the generator's module trains with this one's schedule
+
     per_image = max(1, min(config.dagm.appearance_per_image, config.dagm.appearance_pool_max // len(images)))
     textures = foreign_textures(images.shape[1])
     grayscale = is_grayscale(images)
+    slots = [index for index in range(len(images)) for _ in range(per_image)]
+    by_pixels: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    if generator is not None:
+        chosen = np.flatnonzero(rng.random(len(slots)) < config.dagm.pixel_share)
+        starts = np.array([slots[k] for k in chosen], dtype=int)
+        defects = make_defects(generator, images[starts], len(chosen), seed=int(rng.integers(2 ** 31)),
+                               progress=progress)[0] if len(chosen) else []
+        by_pixels = {int(chosen[d.source]): (d.image, d.mask) for d in defects}
     made, masks = [], []
-    for index in range(len(images)):
-        for _ in range(per_image):
+    for slot, index in enumerate(slots):
+        if slot in by_pixels:
+            image, mask = by_pixels[slot]
+        else:
             other = images[int(rng.integers(len(images)))]
             image, mask = appearance_anomaly(images[index], other, textures, rng, config.dagm, grayscale)
-            made.append(image)
-            masks.append(grid_mask(mask, space.map_grid))
+        made.append(image)
+        masks.append(grid_mask(mask, space.map_grid))
     encoded = space.normalise(encode(space, np.stack(made), desc="encode anomalies", progress=progress))
     shape = (len(images), per_image)
     return (encoded.apply(lambda part: part.view(*shape, *part.shape[1:])),
-            torch.stack(masks).view(*shape, 1, space.map_grid, space.map_grid).to(encoded.z.device))
+            torch.stack(masks).view(*shape, 1, space.map_grid, space.map_grid).to(encoded.z.device), len(by_pixels))
 
 
 def refinement_inputs(batch: SyntheticBatch, normal_guide: torch.Tensor, appearance_guide: torch.Tensor,
@@ -153,7 +170,8 @@ class TrainingParts:
 
 def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callable[[str], None] = print,
         checkpoint: Callable[[dict], None] | None = None, resume_from: dict | None = None,
-        device: torch.device = torch.device("cpu"), precision: str = "fp32") -> tuple[HDM, TrainingLog]:
+        device: torch.device = torch.device("cpu"), precision: str = "fp32",
+        generator: "PixelGenerator | None" = None) -> tuple[HDM, TrainingLog]:
     """Train HDM on normal images only, on `device` (the returned model stays there), its networks'
     forward passes in `precision` (see `_device.place`). Under torch.distributed every rank calls this
     with the same `paths` and trains on its shard of them; each step sees `train.batch_size` samples
@@ -161,7 +179,8 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
 
     Every `train.checkpoint_every` steps, `checkpoint` (on every rank) gets the full training state
     (weights, EMA, optimiser, schedule, tau, every rank's RNGs and the log); `resume_from` (such a
-    state) continues from it and ends with the same model as an uninterrupted run.
+    state) continues from it and ends with the same model as an uninterrupted run. `generator`: the
+    run's pixel generator, for the share of DAGM's appearance anomalies it makes (`dagm.pixel_share`).
     """
     config.validate()
     ranks = Ranks.current()
@@ -178,7 +197,7 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
     raw = encode(space, images, desc="encode normal", progress=progress)
     space.fit_statistics(raw, ranks)
     normal = space.normalise(raw)
-    appearance, app_mask = build_appearance_pool(space, images, config, rng, progress)
+    appearance, app_mask, by_pixels = build_appearance_pool(space, images, config, rng, progress, generator)
     if model.density is not None:
         # drawn once from every rank's cells, in the one-process order, then sent to every rank
         cells = ranks.gather_rows(normal.z, to=0)
@@ -187,8 +206,9 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
         del cells
         ranks.broadcast_(list(model.density.buffers()))
     where = f" on each of {ranks.world} workers" if ranks.world > 1 else ""
+    pixels = f" ({by_pixels} by the pixel generator)" if generator is not None else ""
     log(f"cached {len(images)} normal images and {app_mask.shape[0] * app_mask.shape[1]} appearance anomalies"
-        f"{where} ({time.perf_counter() - started:.0f}s)")
+        f"{pixels}{where} ({time.perf_counter() - started:.0f}s)")
 
     denoiser, ddm, diffusion = model.denoiser, model.ddm, model.diffusion
     ema = copy.deepcopy(denoiser).requires_grad_(False)
