@@ -255,9 +255,10 @@ def test_the_detector_draws_on_the_runs_generator_when_asked(tmp_path, tiny_run,
     assert result.exit_code == 0, result.output + result.stderr
     # every slot of the pool: 2 training images x 2 anomalies each, all accepted in the test's wide band
     assert "4 appearance anomalies (4 by the pixel generator)" in result.stderr
-    _one_line_error([*fit[:4], str(tmp_path / "elsewhere"), *fit[5:]], "draws on the run's generator: train it first")
-    _one_line_error([*fit, "--overwrite", "--seed", "1"], "trained on other images than this fit")
-    _one_line_error([*fit, "--overwrite", "--image-size", "96"], "makes 64-pixel images, this fit's are 96")
+    quiet = [*fit, "-q"]
+    _one_line_error([*quiet[:4], str(tmp_path / "elsewhere"), *quiet[5:]], "draws on the run's generator: train it first")
+    _one_line_error([*quiet, "--overwrite", "--holdout", "0.75"], "trained on other images than this fit")
+    _one_line_error([*quiet, "--overwrite", "--image-size", "96"], "makes 64-pixel images, this fit's are 96")
 
 
 def test_the_api_fits_a_generator_and_generates(tmp_path, normals):

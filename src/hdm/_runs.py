@@ -175,7 +175,7 @@ def train_and_save(config: HDMConfig, train: list[Path], holdout: list[Path], ru
 
     keep = keep_state or keep_in_run
     model, history = fit(config, train, progress=progress, log=log, resume_from=resume_from, device=device,
-                         precision=precision, generator=pixel_generator(config, run, holdout, device),
+                         precision=precision, pixels=pixel_generator(config, run, holdout, device),
                          checkpoint=lambda state: keep({**state, "config": config.to_dict(), "extra": extra}))
     calibrate(model, holdout, config.calibration.target_fpr, progress=progress)
     calibration = model.calibration.summary()

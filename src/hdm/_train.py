@@ -82,9 +82,9 @@ class TrainingLog:
 
 
 def build_appearance_pool(space: Space, images: np.ndarray, config: HDMConfig, rng: np.random.Generator,
-                          progress: bool, generator: "PixelGenerator | None" = None) -> tuple[Encoded, torch.Tensor, int]:
+                          progress: bool, pixels: "PixelGenerator | None" = None) -> tuple[Encoded, torch.Tensor, int]:
     """Pixel-space anomalies (DAGM content b), encoded once: N x k leading dimensions, soft masks on
-    the map's grid, and how many of them the pixel generator made. With a `generator`, a
+    the map's grid, and how many of them the pixel generator made. With a generator (`pixels`), a
     `dagm.pixel_share` of the slots holds its defects (a slot whose draws POM rejected keeps a pasted one)."""
     from ._generator import make_defects  # the generator's module trains with this one's schedule
 
@@ -93,10 +93,10 @@ def build_appearance_pool(space: Space, images: np.ndarray, config: HDMConfig, r
     grayscale = is_grayscale(images)
     slots = [index for index in range(len(images)) for _ in range(per_image)]
     by_pixels: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    if generator is not None:
+    if pixels is not None:
         chosen = np.flatnonzero(rng.random(len(slots)) < config.dagm.pixel_share)
         starts = np.array([slots[k] for k in chosen], dtype=int)
-        defects = make_defects(generator, images[starts], len(chosen), seed=int(rng.integers(2 ** 31)),
+        defects = make_defects(pixels, images[starts], len(chosen), seed=int(rng.integers(2 ** 31)),
                                progress=progress)[0] if len(chosen) else []
         by_pixels = {int(chosen[d.source]): (d.image, d.mask) for d in defects}
     made, masks = [], []
@@ -171,7 +171,7 @@ class TrainingParts:
 def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callable[[str], None] = print,
         checkpoint: Callable[[dict], None] | None = None, resume_from: dict | None = None,
         device: torch.device = torch.device("cpu"), precision: str = "fp32",
-        generator: "PixelGenerator | None" = None) -> tuple[HDM, TrainingLog]:
+        pixels: "PixelGenerator | None" = None) -> tuple[HDM, TrainingLog]:
     """Train HDM on normal images only, on `device` (the returned model stays there), its networks'
     forward passes in `precision` (see `_device.place`). Under torch.distributed every rank calls this
     with the same `paths` and trains on its shard of them; each step sees `train.batch_size` samples
@@ -179,7 +179,7 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
 
     Every `train.checkpoint_every` steps, `checkpoint` (on every rank) gets the full training state
     (weights, EMA, optimiser, schedule, tau, every rank's RNGs and the log); `resume_from` (such a
-    state) continues from it and ends with the same model as an uninterrupted run. `generator`: the
+    state) continues from it and ends with the same model as an uninterrupted run. `pixels`: the
     run's pixel generator, for the share of DAGM's appearance anomalies it makes (`dagm.pixel_share`).
     """
     config.validate()
@@ -197,7 +197,7 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
     raw = encode(space, images, desc="encode normal", progress=progress)
     space.fit_statistics(raw, ranks)
     normal = space.normalise(raw)
-    appearance, app_mask, by_pixels = build_appearance_pool(space, images, config, rng, progress, generator)
+    appearance, app_mask, by_pixels = build_appearance_pool(space, images, config, rng, progress, pixels)
     if model.density is not None:
         # drawn once from every rank's cells, in the one-process order, then sent to every rank
         cells = ranks.gather_rows(normal.z, to=0)
@@ -206,9 +206,9 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
         del cells
         ranks.broadcast_(list(model.density.buffers()))
     where = f" on each of {ranks.world} workers" if ranks.world > 1 else ""
-    pixels = f" ({by_pixels} by the pixel generator)" if generator is not None else ""
+    made = f" ({by_pixels} by the pixel generator)" if pixels is not None else ""
     log(f"cached {len(images)} normal images and {app_mask.shape[0] * app_mask.shape[1]} appearance anomalies"
-        f"{pixels}{where} ({time.perf_counter() - started:.0f}s)")
+        f"{made}{where} ({time.perf_counter() - started:.0f}s)")
 
     denoiser, ddm, diffusion = model.denoiser, model.ddm, model.diffusion
     ema = copy.deepcopy(denoiser).requires_grad_(False)
