@@ -226,12 +226,12 @@ def fit_generator_run(run: Path, source: "DataSource | None" = None, config: HDM
         config, source = parse_config(state_file, state["config"]), DataSource.from_dict(state["extra"]["source"])
     else:
         state_file.unlink(missing_ok=True)
-        model_extra = load_checkpoint(run / MODEL_FILE)[2] if (run / MODEL_FILE).exists() else {}
+        model_config, _, model_extra = load_checkpoint(run / MODEL_FILE) if (run / MODEL_FILE).exists() else (None, {}, {})
         if source is None:
             if "source" not in model_extra:
                 raise HDMInputError(f"{run}: holds no model to take the data from: give --data/--category or --normal-dir")
             source = DataSource.from_dict(model_extra["source"])
-        config = config or stored_config(run) or HDMConfig()
+        config = config or model_config or HDMConfig()
     config.validate()
     train, holdout, extra = split_data(config, source)
     if state is not None:
