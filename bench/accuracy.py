@@ -95,15 +95,16 @@ def run_anchor(root: Path, category: str, config: HDMConfig) -> dict:
     return {**detail(evaluation), "train_seconds": 0.0, "total_seconds": time.perf_counter() - started}
 
 
-def earlier_generator(generators: Path | None, category: str, config: HDMConfig) -> Path | None:
-    """generators/<category>/generator.pt if it was fitted at this run's settings and seed (the hold-out
-    split is checked again when the fit loads it), else None."""
+def earlier_generator(generators: Path | None, category: str, config: HDMConfig) -> tuple[Path, float] | None:
+    """generators/<category>/generator.pt and its fit's seconds if it was fitted at this run's settings and
+    seed (the hold-out split is checked again when the fit loads it), else None."""
     path = None if generators is None else generators / category / GENERATOR_FILE
     if path is None or not path.is_file():
         return None
-    stored = load_generator(path)[0].config
+    generator, extra = load_generator(path)
+    stored = generator.config
     same = all(getattr(stored, part) == getattr(config, part) for part in ("space", "diffusion", "generator", "calibration"))
-    return path if same and stored.train.seed == config.train.seed else None
+    return (path, extra["training"]["train_seconds"]) if same and stored.train.seed == config.train.seed else None
 
 
 def run_hdm(root: Path, category: str, config: HDMConfig, generators: Path | None = None) -> dict:
@@ -117,8 +118,8 @@ def run_hdm(root: Path, category: str, config: HDMConfig, generators: Path | Non
         if config.dagm.pixel_share > 0:  # `hdm fit-generator` into the run, then `hdm fit`
             earlier = earlier_generator(generators, category, config)
             if earlier is not None:
-                shutil.copy(earlier, Path(folder) / GENERATOR_FILE)
-                generator_seconds = load_generator(earlier)[1]["training"]["train_seconds"]
+                shutil.copy(earlier[0], Path(folder) / GENERATOR_FILE)
+                generator_seconds = earlier[1]
             else:
                 started = time.perf_counter()
                 fit_generator_run(Path(folder), source, config, log=log, progress=False)

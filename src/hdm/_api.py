@@ -186,17 +186,13 @@ def fit_generator(run: str | Path, data: str | Path | None = None, category: str
                   progress: bool = False, log=None, device: str = "auto") -> None:
     """As `hdm fit-generator`: train DAGM's pixel diffusion model into `run`, on the data given or else
     the data of the model in it; called again after an interruption, it continues."""
-    from ._runs import fit_generator_run, stored_config
+    from ._runs import fit_generator_run
 
-    run = Path(run)
-    given = config is not None or settings
-    resolved = None
-    if given:
-        base = config if config is not None else stored_config(run)
-        resolved = (resolve(base, settings) if isinstance(settings, dict) else resolve(base, assignments=settings or ()))
     source = (data_source(None if data is None else Path(data), category, None if normal_dir is None else Path(normal_dir))
               if data is not None or normal_dir is not None else None)
-    fit_generator_run(run, source, resolved, overwrite, log=log, progress=progress, device=device)
+    values, assignments = (settings, ()) if isinstance(settings, dict) else (None, settings or ())
+    fit_generator_run(Path(run), source, config, values, assignments, overwrite, log=log, progress=progress,
+                      device=device)
 
 
 def generate(run: str | Path, count: int, out: str | Path, *, images: str | Path | None = None,

@@ -250,16 +250,13 @@ def fit_generator_command(run, data, category, normal_dir, config_file, assignme
     """Train DAGM's pixel diffusion model on the normal images, for `hdm generate`.
 
     The same command again continues a fit that was interrupted."""
-    from ._config import resolve
-    from ._runs import fit_generator_run, stored_config
+    from ._runs import fit_generator_run
 
     source = data_source(data, category, normal_dir) if data is not None or normal_dir is not None else None
     values = {key: value for key, value in (("generator.steps", steps), ("generator.crop_size", crop_size),
                                             ("train.seed", seed)) if value is not None}
-    config = None
-    if config_file or assignments or values:
-        config = resolve(config_file or stored_config(run), values, assignments, where="command-line options")
-    fit_generator_run(run, source, config, overwrite, log=None if quiet else _log, progress=not quiet, device=device)
+    fit_generator_run(run, source, config_file, values, assignments, overwrite, log=None if quiet else _log,
+                      progress=not quiet, device=device, where="command-line options")
 
 
 @main.command("generate")

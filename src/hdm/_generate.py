@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from ._data import HDMInputError, decode_image, list_images, load_images_resized, load_mask, resize_image, resize_mask
+from ._device import place
 from ._generator import Defect, PixelGenerator, make_defects
 from ._layouts import DataSource, mask_index
-from ._device import place
 from ._predict import csv_bytes
 from ._runs import GENERATOR_FILE, split_data
 from ._store import load_generator, write_bytes_atomic, write_png
@@ -25,9 +25,9 @@ SHEET_TILE = 160
 
 def read_masks(mask_dir: Path, paths: list[Path], size: int) -> np.ndarray:
     """One mask per image, matched by name (<stem>.png or <stem>_mask.png), nearest-resized to size x size."""
-    index = mask_index(mask_dir) if mask_dir.is_dir() else None
-    if index is None:
+    if not mask_dir.is_dir():
         raise HDMInputError(f"{mask_dir}: not a folder")
+    index = mask_index(mask_dir)
     if not index:
         raise HDMInputError(f"{mask_dir}: no mask images in the folder")
     stems = {p.stem for p in paths}

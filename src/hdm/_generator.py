@@ -26,7 +26,7 @@ from ._device import device_of
 from ._diffusion import GaussianDiffusion, strided_timesteps
 from ._pom import adapt_tau, hybrid_loss, masked_change
 from ._progress import bar
-from ._train import one_cycle
+from ._train import one_cycle, recent_losses, update_ema
 from ._unet import PixelUNet
 
 # Pixels of context around a mask's bounding box that the UNet sees when it regenerates the mask.
@@ -135,9 +135,7 @@ class GeneratorLog:
         return {"losses": self.losses, "seconds": self.seconds}
 
     def summary(self) -> dict[str, float]:
-        last = self.losses[-50:]
-        mean = {k: float(np.mean([row[k] for row in last])) for k in last[0]} if last else {}
-        return {**{f"loss_{k}": v for k, v in mean.items()}, "train_seconds": self.seconds}
+        return {**recent_losses(self.losses), "train_seconds": self.seconds}
 
 
 def random_crops(images: torch.Tensor, count: int, size: int, rng: np.random.Generator) -> torch.Tensor:
@@ -205,10 +203,7 @@ def fit_generator(config: HDMConfig, paths: list[Path], progress: bool = True, l
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimiser.step()
         schedule.step()
-        with torch.no_grad():
-            decay = min(g.ema_decay, (1 + step) / (10 + step))
-            for p_ema, p in zip(ema.parameters(), unet.parameters()):
-                p_ema.lerp_(p, 1.0 - decay)
+        update_ema(ema, unet, step, g.ema_decay)
         history.losses.append({"simple": l_simple.item(), "vlb": l_vlb.item()})
         if step % 25 == 0:
             steps_bar.set_postfix(simple=f"{l_simple.item():.4f}", refresh=False)

@@ -10,9 +10,10 @@ exists only while a fit runs or after it was interrupted. `hdm fit-generator` ad
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from ._config import HDMConfig
 from ._data import HDMInputError
@@ -194,19 +195,16 @@ def train_and_save(config: HDMConfig, train: list[Path], holdout: list[Path], ru
     return Run(run, model, history, holdout)
 
 
-def stored_config(run: Path) -> HDMConfig | None:
-    """The settings of the model in `run`, if it holds one: a generator fitted later shares them."""
-    from ._store import load_checkpoint
-
-    return load_checkpoint(run / MODEL_FILE)[0] if (run / MODEL_FILE).exists() else None
-
-
-def fit_generator_run(run: Path, source: "DataSource | None" = None, config: HDMConfig | None = None,
-                      overwrite: bool = False, log: Log | None = None, progress: bool = True,
-                      device: str = "cpu") -> "PixelGenerator":
+def fit_generator_run(run: Path, source: "DataSource | None" = None, base: HDMConfig | str | Path | None = None,
+                      values: dict | None = None, assignments: Iterable[str] = (), overwrite: bool = False,
+                      log: Log | None = None, progress: bool = True, device: str = "cpu",
+                      where: str = "settings") -> "PixelGenerator":
     """Train the run's pixel generator (DAGM in pixels) on its normal training images (the calibration
     hold-out left out, as for the detector) and save it as generator.pt. Data and settings default to
-    those of the model in the run; a fit interrupted earlier continues from generator_state.pt."""
+    those of the model in the run: `base` (a configuration or a TOML file) replaces its settings, then
+    `values` and `assignments` apply as in `_config.resolve` (errors name `where`). A fit interrupted
+    earlier continues from generator_state.pt."""
+    from ._config import resolve
     from ._device import checked_device
     from ._generator import fit_generator
     from ._layouts import DataSource
@@ -219,7 +217,7 @@ def fit_generator_run(run: Path, source: "DataSource | None" = None, config: HDM
         raise HDMInputError(f"{run}: run folder already holds a generator (use --overwrite to replace it)")
     state = None
     if state_file.exists() and not overwrite:
-        if source is not None or config is not None:
+        if source is not None or base is not None or values or assignments:
             raise HDMInputError(f"{run}: holds an interrupted generator fit: run the command again without data or "
                                 f"settings to continue it, or with --overwrite to start again")
         state = load_generator_state(state_file)
@@ -231,7 +229,7 @@ def fit_generator_run(run: Path, source: "DataSource | None" = None, config: HDM
             if "source" not in model_extra:
                 raise HDMInputError(f"{run}: holds no model to take the data from: give --data/--category or --normal-dir")
             source = DataSource.from_dict(model_extra["source"])
-        config = config or model_config or HDMConfig()
+        config = resolve(base if base is not None else model_config, values, assignments, where)
     config.validate()
     train, holdout, extra = split_data(config, source)
     if state is not None:

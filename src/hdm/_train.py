@@ -62,6 +62,21 @@ def one_cycle(optimiser: torch.optim.Optimizer, lr: float, steps: int) -> torch.
     return torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps, pct_start=warmup)
 
 
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, net: torch.nn.Module, step: int, decay: float) -> None:
+    """The EMA weights a fit keeps and finally uses: `decay`, ramped up over the first steps so the
+    average does not hold on to the random initialisation."""
+    decay = min(decay, (1 + step) / (10 + step))
+    for p_ema, p in zip(ema.parameters(), net.parameters()):
+        p_ema.lerp_(p, 1.0 - decay)
+
+
+def recent_losses(losses: list[dict[str, float]]) -> dict[str, float]:
+    """The mean of each loss over the last 50 steps, as `loss_<name>` (a run's summary)."""
+    last = losses[-50:]
+    return {f"loss_{k}": float(np.mean([row[k] for row in last])) for k in last[0]} if last else {}
+
+
 @dataclass
 class TrainingLog:
     losses: list[dict[str, float]] = field(default_factory=list)
@@ -75,9 +90,7 @@ class TrainingLog:
                 "seconds": self.seconds}
 
     def summary(self) -> dict[str, float]:
-        last = self.losses[-50:]
-        mean = {k: float(np.mean([row[k] for row in last])) for k in last[0]} if last else {}
-        return {**{f"loss_{k}": v for k, v in mean.items()}, "tau": self.tau[-1] if self.tau else 0.0,
+        return {**recent_losses(self.losses), "tau": self.tau[-1] if self.tau else 0.0,
                 "rejected_fraction": self.rejected / max(1, self.synthetic), "train_seconds": self.seconds}
 
 
@@ -281,10 +294,7 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimiser.step()
         schedule.step()
-        with torch.no_grad():
-            decay = min(config.train.ema_decay, (1 + step) / (10 + step))
-            for p_ema, p in zip(ema.parameters(), denoiser.parameters()):
-                p_ema.lerp_(p, 1.0 - decay)
+        update_ema(ema, denoiser, step, config.train.ema_decay)
 
         row = {"simple": l_simple, "vlb": l_vlb, **losses}
         row = dict(zip(row, (v / ranks.world for v in ranks.total([v.item() for v in row.values()]))))
