@@ -7,8 +7,8 @@ appearance anomalies DAGM used before (shuffled patches, foreign textures, stain
 Per category: a generator is fitted with the default settings (`hdm fit-generator`, timed) into
 RUNS/<category> unless one is there. Then four sets of masked regions:
 - real: every defective test image with its ground-truth mask;
-- generated: --samples defects from the generator (`make_defects`: the training normals in turn,
-  Perlin masks in a random window, POM's band);
+- generated: --samples defects from the generator at the default settings (`make_defects`: the
+  training normals in turn, blob masks on the part, POM's band);
 - paste: today's appearance anomalies (`appearance_anomaly`) on the same normals inside the same masks,
   so that only the content differs;
 - normal: the same normals and masks untouched, the distance a region has when nothing is changed.
@@ -19,6 +19,7 @@ KID: the unbiased squared MMD with the cubic polynomial kernel k(x, y) = (x.y / 
 over 100 random subsets of min(n, 50) per set; the real row compares two disjoint halves of the real
 regions (the floor). Diversity: the mean pairwise distance within a set.
 Goal (issue 19): generated closer to real than paste on every category, at no less diversity.
+Each category's contact sheet (source | mask | generated, the first 12) goes to RUNS/<category>/contact_sheet.png.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ import torch
 from hdm._config import HDMConfig
 from hdm._dagm import appearance_anomaly, foreign_textures, is_grayscale
 from hdm._data import iter_batches, load_images_resized, sample_mask
+from hdm._generate import contact_sheet
 from hdm._generator import make_defects
 from hdm._layouts import DataSource
 from hdm._runs import GENERATOR_FILE, fit_generator_run, split_data
 from hdm._space import FeatureSpace
-from hdm._store import load_generator
+from hdm._store import load_generator, write_png
 from hdm._train import encode
 
 CATEGORIES = {"bottle": "mvtec_ad", "metal_plate": "mpdd", "magnetic_tile": "magnetic_tile", "brain_flair": "lgg_mri"}
@@ -107,6 +109,8 @@ def category_rows(root: Path, category: str, runs: Path, samples: int) -> dict:
     started = time.perf_counter()
     defects, rejected = make_defects(generator, normals, samples, seed=0, progress=False)
     generate_seconds = time.perf_counter() - started
+    # Made from the data, so written beside the generator and never committed (the data's licences).
+    write_png(run / "contact_sheet.png", contact_sheet(normals, defects))
     masks = np.stack([d.mask for d in defects])
     starts = normals[[d.source for d in defects]]
     rng = np.random.default_rng(0)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from hdm._cli import main
 from hdm._config import resolve
-from hdm._dagm import crop_box, regenerate, window_mask
+from hdm._dagm import crop_box, defect_mask, foreground, regenerate
 from hdm._diffusion import GaussianDiffusion, strided_timesteps
 from hdm._generator import PixelGenerator, from_pixels, make_defects, to_pixels
 from hdm._layouts import DataSource
@@ -55,12 +55,18 @@ def test_crop_box_covers_the_mask_with_context_in_multiples_of_the_stride():
     assert all(s.start >= 0 and s.stop <= 60 and (s.stop - s.start) % 8 == 0 for s in whole)
 
 
-def test_window_masks_stay_in_their_window():
+def test_default_masks_are_blobs_on_the_part_within_the_window():
+    part = np.zeros((64, 64, 3), np.uint8)
+    part[16:48, 20:52] = 150  # a grey part on a black backdrop
+    on_part = part[..., 0] > 0
+    assert np.array_equal(foreground(part), on_part)
+    assert foreground(np.full((64, 64, 3), 90, np.uint8)).all()  # a surface filling the frame is all part
     rng = np.random.default_rng(1)
     for _ in range(10):
-        mask = window_mask(64, 24, rng, threshold=0.5)
+        mask = defect_mask(part, 24, rng)
         rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-        assert mask.any() and rows[-1] - rows[0] < 24 and cols[-1] - cols[0] < 24
+        assert mask.any() and not (mask & ~on_part).any()
+        assert rows[-1] - rows[0] < 24 and cols[-1] - cols[0] < 24
 
 
 def test_regeneration_changes_only_the_masked_region():
@@ -98,6 +104,31 @@ def test_defects_keep_the_image_outside_the_mask_and_grey_surfaces_grey():
         assert (defect.image[..., :1] == defect.image).all()
     again, _ = make_defects(model, grey, count=3, seed=5, progress=False)
     assert all(np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask) for a, b in zip(defects, again))
+
+
+@pytest.mark.parametrize("start", ["appearance", "normal"])
+def test_the_region_starts_as_an_appearance_anomaly_or_as_the_image(start, monkeypatch):
+    """What the reverse process starts from: the image outside the mask either way; inside it, pasted
+    content (another image here) for "appearance", the image itself for "normal"; and from how far."""
+    import hdm._generator as generator_module
+
+    seen = []
+
+    def recording(x0, mask, net, process, *args):
+        seen.append((x0.clone(), mask.clone(), process.timestep_map[-1].item()))
+        return x0
+
+    monkeypatch.setattr(generator_module, "regenerate", recording)
+    model = PixelGenerator(tiny_config(**{"generator.start": start, "generator.change_low": 0.0}))
+    flat = np.full((3, 64, 64, 3), 128, np.uint8)
+    flat[1], flat[2] = 30, 220  # the others a paste can come from
+    make_defects(model, flat, count=1, seed=0, tau=0.0, progress=False)
+    x0, mask, t_from = seen[0]
+    inside = mask.expand_as(x0).bool()
+    image = to_pixels(np.full((1, 1, 1, 3), 128, np.uint8)).flatten()[0]
+    assert torch.all(x0[~inside] == image)
+    assert torch.any(x0[inside] != image) == (start == "appearance")
+    assert t_from == (400 if start == "appearance" else 700)
 
 
 def test_pom_rejects_samples_outside_the_band_and_raises_tau_when_they_are_too_small():

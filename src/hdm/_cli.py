@@ -60,7 +60,7 @@ def metrics_table(metrics: dict[str, float], title: str) -> str:
 
 
 # `hdm fit` options that set one configuration field each; their defaults are the dataclasses'.
-SHORTCUTS = {"backbone": "space.backbone", "image_size": "space.image_size", "steps": "train.steps",
+SHORTCUTS = {"space": "space.kind", "backbone": "space.backbone", "image_size": "space.image_size", "steps": "train.steps",
              "batch_size": "train.batch_size", "seed": "train.seed", "holdout": "calibration.holdout",
              "target_fpr": "calibration.target_fpr", "checkpoint_every": "train.checkpoint_every"}
 
@@ -112,6 +112,9 @@ def _folders(func):
 @click.option("--print-config", is_flag=True, help="Print the resolved settings as TOML and stop.")
 @click.option("--steps", type=int, help="Sets train.steps.")
 @click.option("--batch-size", type=int, help="Sets train.batch_size.")
+@click.option("--space", type=click.Choice(["feature", "pixel"]),
+              help="Sets space.kind: frozen CNN features (the CPU default), or the image itself (the paper's setting; "
+                   "UNets of space.unet_width, a GPU's or a small size's).")
 @click.option("--backbone", type=click.Choice(["lite0", "lite1", "lite2"]), help="Sets space.backbone.")
 @click.option("--image-size", type=int, help="Sets space.image_size (a multiple of 32).")
 @click.option("--seed", type=int, help="Sets train.seed: a run is reproducible for a given seed.")

@@ -20,6 +20,10 @@ class SpaceConfig:
     # 3x3 local averaging of the features, as in patch-based detectors: each z cell then
     # describes its neighbourhood, which makes small defects visible to a 1x1 head.
     local_pool: int = 3
+    # kind = "pixel": z is the image; its denoiser and DDM's head are UNets of these widths (first width,
+    # then x mults per level). Sized to train at 128 px on a CPU in about an hour.
+    unet_width: int = 32
+    unet_mults: tuple[int, int, int, int] = (1, 2, 2, 4)
 
 
 @dataclass
@@ -168,14 +172,21 @@ class GeneratorConfig:
     # How far a masked region is noised before it is regenerated; the generator trains on timesteps up to
     # here only, the only ones it is asked about.
     t_start: int = 700
-    sample_steps: int = 20  # strided reverse steps from t_start to 0
+    # What the masked region holds before it is noised. "appearance": one of DAGM's appearance anomalies
+    # (patches, texture, stain, brightness), noised to t_appearance only, so the reverse process redraws
+    # it as this surface would show it (lit, textured and joined like the part) instead of erasing it.
+    # "normal": the image itself, noised to t_start: the model trained on normal images mostly redraws
+    # normal surface, and what differs is the inflated variance's noise (bench/results/realism.md).
+    start: str = "appearance"
+    t_appearance: int = 400
+    sample_steps: int = 20  # strided reverse steps from the start step to 0
     tau: float = 4.0  # initial variance inflation of the reverse steps; POM adapts it
     # Only the steps at or above this fraction of t_start are inflated. There the denoiser turns the extra
     # noise into coarse structure (blobs, streaks); inflated late steps only left per-pixel colour speckle
     # that no later step removes (contact sheets, bench/results/realism.md).
     inflate_above: float = 0.5
-    # Default Perlin masks lie in a window of this side (at most the image) at a random place: real defects are local,
-    # and only the window's crop is regenerated, which keeps a sample near a second on a CPU.
+    # Default masks (`_dagm.defect_mask`) are blobs of at most this side (and the image) on the part: real
+    # defects are local, and only the mask's crop is regenerated, which keeps a sample near a second on a CPU.
     mask_window: int = 80
     # Band for the mean squared change inside the mask, in the [-1, 1] pixel scale: 0.005 is about
     # 9 grey levels RMS (no visible defect below it), 0.5 about 90 (content that is no longer a surface).
@@ -225,6 +236,9 @@ class HDMConfig:
              "space.backbone must be lite0, lite1 or lite2"),
             (not feature or (self.space.image_size >= 64 and self.space.image_size % 32 == 0),
              "space.image_size must be a multiple of 32, at least 64"),
+            (self.space.kind != "pixel" or (self.space.unet_width >= 8 and all(m >= 1 for m in self.space.unet_mults)
+                                            and self.space.image_size % 2 ** (len(self.space.unet_mults) - 1) == 0),
+             "space.unet_width must be >= 8, space.unet_mults >= 1, and space.image_size a multiple of the UNet's stride"),
             (self.ddm.mode in ("one_step", "norm_guided", "k_step"),
              "ddm.mode must be one_step, norm_guided or k_step"),
             (0 < self.ddm.t_s < self.diffusion.timesteps, "ddm.t_s must lie inside (0, timesteps)"),
@@ -257,6 +271,8 @@ class HDMConfig:
             (g.sample_steps >= 1 and g.attempts >= 1, "generator.sample_steps and generator.attempts must be >= 1"),
             (g.tau >= 0.0, "generator.tau must be >= 0"),
             (0.0 <= g.inflate_above <= 1.0, "generator.inflate_above must lie in [0, 1]"),
+            (g.start in ("appearance", "normal"), "generator.start must be 'appearance' or 'normal'"),
+            (0 < g.t_appearance <= g.t_start, "generator.t_appearance must lie in (0, generator.t_start]"),
             (g.mask_window >= 16, "generator.mask_window must be at least 16"),
             (0.0 <= g.change_low < g.change_high, "generator.change_low must be >= 0 and below generator.change_high"),
         ]

@@ -11,8 +11,10 @@ Anomalous training samples with masks, made from normal z_0 only:
   batch stays normal.
 
 DAGM in pixels (`regenerate`, used by `_generator`) is the same reverse process on an image: the
-masked region is noised and regenerated at (1 + tau) Sigma_theta by a pixel diffusion model, the rest
-of the image held to the input.
+masked region (by default a compact blob on the part's foreground, `defect_mask`) is noised and
+regenerated at (1 + tau) Sigma_theta by a pixel diffusion model, the rest of the image held to the
+input. By default the region starts as an appearance anomaly, which the reverse process redraws as this
+surface would show it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from enum import IntEnum
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from skimage import data as skdata
 
 from ._config import DAGMConfig
@@ -215,12 +218,38 @@ class DAGM:
         return SyntheticBatch(z, mask, label, source)
 
 
-def window_mask(size: int, window: int, rng: np.random.Generator, threshold: float) -> np.ndarray:
-    """A Perlin mask confined to a window x window square at a random place of a size x size image."""
-    mask = np.zeros((size, size), dtype=bool)
-    top, left = (int(v) for v in rng.integers(0, size - window + 1, size=2))
-    mask[top:top + window, left:left + window] = perlin_mask(window, rng, threshold)
-    return mask
+def foreground(image: np.ndarray, distance: float = 40.0) -> np.ndarray:
+    """Where the object lies: pixels whose colour is farther than `distance` (0-255 RGB) from the median
+    of the image's border, opened to drop specks (a plate on a backdrop, a brain slice on black). The
+    whole image where under 5% differs from the border: a surface that fills the frame."""
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]).astype(np.float32)
+    far = np.linalg.norm(image.astype(np.float32) - np.median(border, axis=0), axis=-1) > distance
+    far = ndimage.binary_opening(far, structure=np.ones((3, 3), bool), iterations=2)
+    return far if far.mean() > 0.05 else np.ones_like(far)
+
+
+def defect_mask(image: np.ndarray, window: int, rng: np.random.Generator, attempts: int = 8) -> np.ndarray:
+    """A compact Perlin blob (1 to 4 lattice cells, threshold 0.3-0.6) in a square of a quarter to all of
+    `window` on a side, centred on a random pixel of the image's foreground and kept to it. Real defects
+    are blobs and streaks on the part: the specks of fine Perlin masks, and masks over the backdrop,
+    were regenerated as normal surface or as blots in the air (contact sheets, bench/realism.py)."""
+    size = image.shape[0]
+    inside = foreground(image)
+    rows, cols = np.nonzero(inside)
+    mask = np.zeros_like(inside)
+    for _ in range(attempts):
+        side = int(rng.integers(window // 4, window + 1))
+        blob = perlin_mask(side, rng, threshold=float(rng.uniform(0.3, 0.6)), max_scale_power=2)
+        pick = int(rng.integers(len(rows)))
+        centre_row, centre_col = (int(c.mean()) for c in np.nonzero(blob))
+        # The blob's centre on the picked pixel, drawn on a canvas padded by `side` so it may overhang.
+        canvas = np.zeros((size + 2 * side, size + 2 * side), dtype=bool)
+        top, left = rows[pick] - centre_row + side, cols[pick] - centre_col + side
+        canvas[top:top + side, left:left + side] = blob
+        mask = canvas[side:side + size, side:side + size] & inside
+        if mask.sum() >= 16:
+            break
+    return mask if mask.any() else inside
 
 
 def crop_box(mask: np.ndarray, multiple: int, margin: int) -> tuple[slice, slice]:

@@ -103,11 +103,12 @@ class DDM(nn.Module):
     """Denoising of z to its normal version, the discriminative head and its refinement."""
 
     def __init__(self, config: DDMConfig, diffusion: GaussianDiffusion, channels: int, guide_channels: int,
-                 image_size: int):
+                 image_size: int, head: nn.Module | None = None):
         super().__init__()
         self.config = config
         self.diffusion = diffusion
-        self.head = DiscriminativeHead(channels, config.head_width)
+        # The space's own head (pixel space: a UNet) or the small convolutional one that z's cells need.
+        self.head = head if head is not None else DiscriminativeHead(channels, config.head_width)
         self.refinement = (Refinement(guide_channels, config.refine_width) if config.refine and guide_channels
                            else None)
         self.k_process = diffusion.respaced(strided_timesteps(config.t_s, config.k_steps))

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ._config import HDMConfig
-from ._dagm import crop_box, is_grayscale, regenerate, window_mask
+from ._dagm import appearance_anomaly, crop_box, defect_mask, foreign_textures, is_grayscale, regenerate
 from ._data import HDMInputError, load_images_resized
 from ._device import device_of
 from ._diffusion import GaussianDiffusion, strided_timesteps
@@ -54,7 +54,8 @@ class PixelGenerator(nn.Module):
         g, d = config.generator, config.diffusion
         self.unet = PixelUNet(3, g.width, g.mults)
         self.diffusion = GaussianDiffusion.linear(d.timesteps, d.beta_start, d.beta_end)
-        self.reverse = self.diffusion.respaced(strided_timesteps(g.t_start, g.sample_steps))
+        self.t_from = g.t_appearance if g.start == "appearance" else g.t_start
+        self.reverse = self.diffusion.respaced(strided_timesteps(self.t_from, g.sample_steps))
         # A grey surface gets grey defects: the UNet's three channels agree only roughly.
         self.register_buffer("grayscale", torch.tensor(bool(grayscale)))
 
@@ -63,16 +64,18 @@ class PixelGenerator(nn.Module):
         return self.config.space.image_size
 
     @torch.no_grad()
-    def anomaly(self, image: np.ndarray, mask: np.ndarray, tau: float, generator: torch.Generator) -> np.ndarray:
+    def anomaly(self, image: np.ndarray, mask: np.ndarray, tau: float, generator: torch.Generator,
+                start: np.ndarray | None = None) -> np.ndarray:
         """`image` (S x S x 3 uint8) with the region under `mask` (S x S bool) regenerated at (1 + tau)
-        Sigma_theta; only the mask's crop goes through the UNet, and outside the mask the input is kept
-        exactly."""
+        Sigma_theta from what `start` holds there (the image itself by default); only the mask's crop goes
+        through the UNet, and outside the mask the input is kept exactly."""
         rows, cols = crop_box(mask, self.unet.stride, CONTEXT)
         device = device_of(self)
-        x0 = to_pixels(image[rows, cols])[None].to(device)
+        begin = image if start is None else np.where(mask[..., None], start, image)
+        x0 = to_pixels(begin[rows, cols])[None].to(device)
         inside = torch.from_numpy(mask[rows, cols]).float()[None, None].to(device)
-        g = self.config.generator
-        x = regenerate(x0, inside, self.unet, self.reverse, tau, generator, round(g.inflate_above * g.t_start))
+        inflate_from = round(self.config.generator.inflate_above * self.t_from)
+        x = regenerate(x0, inside, self.unet, self.reverse, tau, generator, inflate_from)
         if bool(self.grayscale):
             x = x.mean(dim=1, keepdim=True).expand_as(x)
         out = image.copy()
@@ -100,22 +103,25 @@ def pixel_change(defect: np.ndarray, image: np.ndarray, mask: np.ndarray) -> flo
 def make_defects(model: PixelGenerator, images: np.ndarray, count: int, seed: int, masks: np.ndarray | None = None,
                  tau: float | None = None, progress: bool = True) -> tuple[list[Defect], int]:
     """`count` defects, the k-th started from image k mod N (with its mask when `masks` is given, else a
-    Perlin mask in a random window), and how many draws POM rejected. Each sample is drawn again, tau
-    adapting, until its change lies in the band; one still outside it after `generator.attempts` draws
-    is left out. The same seed gives the same samples."""
+    `defect_mask` blob on its foreground), and how many draws POM rejected. With `generator.start` =
+    "appearance" the region starts as an appearance anomaly, pasted from another of `images` or a
+    foreign texture. Each sample is drawn again, tau adapting, until its change lies in the band; one
+    still outside it after `generator.attempts` draws is left out. The same seed gives the same samples."""
     config = model.config
     g = config.generator
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     tau = g.tau if tau is None else tau
+    textures = foreign_textures(model.image_size) if g.start == "appearance" else None
     defects, rejected = [], 0
     for k in bar(range(count), desc="generate", enabled=progress):
         source = k % len(images)
+        image = images[source]
         for _ in range(g.attempts):
-            mask = (masks[source] if masks is not None
-                    else window_mask(model.image_size, min(g.mask_window, model.image_size), rng,
-                                     config.dagm.perlin_threshold))
-            made = model.anomaly(images[source], mask, tau, generator)
+            mask = masks[source] if masks is not None else defect_mask(image, min(g.mask_window, model.image_size), rng)
+            start = None if textures is None else appearance_anomaly(
+                image, images[int(rng.integers(len(images)))], textures, rng, config.dagm, bool(model.grayscale), mask)[0]
+            made = model.anomaly(image, mask, tau, generator, start)
             change = pixel_change(made, images[source], mask)
             small, large = change < g.change_low, change > g.change_high
             if not (small or large):

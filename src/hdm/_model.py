@@ -29,13 +29,14 @@ class HDM(nn.Module):
         d = config.diffusion
         self.diffusion = GaussianDiffusion.linear(d.timesteps, d.beta_start, d.beta_end)
         self.denoiser = self.space.denoiser(d)
-        self.ddm = DDM(config.ddm, self.diffusion, channels, self.space.guide_channels, config.space.image_size)
+        self.ddm = DDM(config.ddm, self.diffusion, channels, self.space.guide_channels, config.space.image_size,
+                       self.space.head())
         pom = config.pom
         self.density = (NormalDensity(channels, pom.density_bank, pom.density_pool, lift=self.space.lift,
                                       lifted=self.space.lifted_channels, lists=pom.density_lists,
                                       probe=pom.density_probe, neighbours=pom.density_neighbours,
                                       power=pom.density_radius_power)
-                        if pom.density_bank else None)
+                        if pom.density_bank and self.space.density_prior else None)
         generator = torch.Generator().manual_seed(config.train.seed)
         self.register_buffer("noise", torch.randn(1, channels, grid, grid, generator=generator))
         self.calibration = Calibration()

@@ -21,6 +21,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from ._config import DiffusionConfig, SpaceConfig
 from ._denoiser import Denoiser
 from ._distributed import Ranks, channel_statistics
+from ._unet import PixelUNet, UNetHead
 
 # (weights package, class, last block of the stride-4, stride-8 and stride-16 stages)
 _BACKBONES = {
@@ -154,6 +155,8 @@ class Space(nn.Module):
     """
 
     frozen: tuple[str, ...] = ()
+    # Whether POM's density prior (nearest normal cells) means anything on this z.
+    density_prior: bool = True
 
     def __init__(self, config: SpaceConfig, channels: int, grid: int, guide_channels: int = 0,
                  guide_grid: int | None = None):
@@ -177,6 +180,10 @@ class Space(nn.Module):
     def denoiser(self, config: DiffusionConfig) -> nn.Module:
         """The network eps_theta, v_theta on z: called as (z_t, t) -> (eps, v), and `.eps(z_t, t)` for the noise alone."""
         return Denoiser(self.channels, config.width, config.depth)
+
+    def head(self) -> nn.Module | None:
+        """DDM's discriminative head for this z, or None for DDM's own (1x1 and 3x3 convolutions on z's cells)."""
+        return None
 
     def normalise(self, raw: Encoded) -> Encoded:
         guide = None if raw.guide is None else (raw.guide - self.guide_mean) / self.guide_std
@@ -238,8 +245,29 @@ class FeatureSpace(Space):
         return Encoded(z.contiguous(), stride4.contiguous())
 
 
+class PixelSpace(Space):
+    """z = the image itself (the paper's and DiffusionAD's setting), in [-1, 1] and then per channel
+    normalised. Its denoiser is a UNet like the pixel generator's and DDM's head a UNet too, both of
+    `space.unet_width` x `space.unet_mults`. No guide (z is already the finest grid) and no density prior
+    (a bank of single pixels' colours says nothing of a surface)."""
+
+    density_prior = False
+
+    def __init__(self, config: SpaceConfig):
+        super().__init__(config, channels=3, grid=config.image_size)
+
+    def raw(self, images: torch.Tensor) -> Encoded:
+        return Encoded(images * 2.0 - 1.0)
+
+    def denoiser(self, config: DiffusionConfig) -> nn.Module:
+        return PixelUNet(self.channels, self.config.unet_width, self.config.unet_mults)
+
+    def head(self) -> nn.Module:
+        return UNetHead(self.channels, self.config.unet_width, self.config.unet_mults)
+
+
 # Spaces by `SpaceConfig.kind`. A test registers a trivial one here to show the seam holds.
-SPACES: dict[str, Callable[[SpaceConfig], Space]] = {"feature": FeatureSpace}
+SPACES: dict[str, Callable[[SpaceConfig], Space]] = {"feature": FeatureSpace, "pixel": PixelSpace}
 
 
 def build_space(config: SpaceConfig) -> Space:
