@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from hdm._anchor import NearestNeighbourAnchor
-from hdm._config import HDMConfig, resolve
+from hdm._config import GENERATOR_SAMPLING, HDMConfig, resolve
 from hdm._data import load_images_resized
 from hdm._inference import evaluate
 from hdm._layouts import DataSource
@@ -100,13 +100,16 @@ def run_anchor(root: Path, category: str, config: HDMConfig) -> dict:
 
 def earlier_generator(generators: Path | None, category: str, config: HDMConfig) -> tuple[Path, float] | None:
     """generators/<category>/generator.pt and its fit's seconds if it was fitted at this run's settings and
-    seed (the hold-out split is checked again when the fit loads it), else None."""
+    seed (the hold-out split is checked again when the fit loads it; the fit draws from it with its own
+    sampling settings), else None."""
     path = None if generators is None else generators / category / GENERATOR_FILE
     if path is None or not path.is_file():
         return None
     generator, extra = load_generator(path)
     stored = generator.config
-    same = all(getattr(stored, part) == getattr(config, part) for part in ("space", "diffusion", "generator", "calibration"))
+    learned = lambda g: {k: v for k, v in vars(g).items() if k not in GENERATOR_SAMPLING}  # noqa: E731
+    same = (all(getattr(stored, part) == getattr(config, part) for part in ("space", "diffusion", "calibration"))
+            and learned(stored.generator) == learned(config.generator))
     return (path, extra["training"]["train_seconds"]) if same and stored.train.seed == config.train.seed else None
 
 

@@ -37,7 +37,7 @@ from hdm._config import HDMConfig
 from hdm._dagm import appearance_anomaly, foreign_textures, is_grayscale
 from hdm._data import iter_batches, load_images_resized, sample_mask
 from hdm._generate import contact_sheet
-from hdm._generator import make_defects
+from hdm._generator import make_defects, with_sampling
 from hdm._layouts import DataSource
 from hdm._runs import GENERATOR_FILE, fit_generator_run, split_data
 from hdm._space import FeatureSpace
@@ -104,6 +104,7 @@ def category_rows(root: Path, category: str, runs: Path, samples: int) -> dict:
         fit_generator_run(run, source, config, log=lambda m: print(m, file=sys.stderr), progress=False)
         fitted = time.perf_counter() - started
     generator, extra = load_generator(run / GENERATOR_FILE)
+    generator = with_sampling(generator, config.generator)  # one fitted earlier draws at today's defaults
     train = split_data(config, source)[0]
     normals = load_images_resized(train, config.space.image_size)
     started = time.perf_counter()

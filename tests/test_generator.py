@@ -18,7 +18,7 @@ from hdm._cli import main
 from hdm._config import resolve
 from hdm._dagm import crop_box, defect_mask, foreground, regenerate
 from hdm._diffusion import GaussianDiffusion, strided_timesteps
-from hdm._generator import PixelGenerator, from_pixels, make_defects, to_pixels
+from hdm._generator import PixelGenerator, from_pixels, make_defects, to_pixels, with_sampling
 from hdm._layouts import DataSource
 from hdm._unet import PixelUNet
 
@@ -282,6 +282,8 @@ def test_generator_settings_are_checked_in_one_line(tmp_path, normals):
 def test_the_detector_draws_on_the_runs_generator_when_asked(tmp_path, tiny_run, normals):
     fit = ["fit", "--normal-dir", str(normals), "--out", str(tiny_run), "--image-size", "64", "--steps", "3",
            "--batch-size", "4", "--set", "dagm.pixel_share=1.0"]
+    # The fit draws with its own sampling settings, here the wide band the generator was made with.
+    fit += ["--set", "generator.change_low=0", "--set", "generator.change_high=1e9"]
     result = CliRunner().invoke(main, fit)
     assert result.exit_code == 0, result.output + result.stderr
     # every slot of the pool: 2 training images x 2 anomalies each, all accepted in the test's wide band
@@ -303,3 +305,12 @@ def test_the_api_fits_a_generator_and_generates(tmp_path, normals):
     assert len(defects) == 3 and all(isinstance(d, hdm.Defect) for d in defects)
     assert all(d.image.shape == (64, 64, 3) and d.mask.shape == (64, 64) for d in defects)
     assert len(list((tmp_path / "set" / "test" / "generated").iterdir())) == 3
+
+
+def test_a_generator_trained_earlier_draws_with_the_callers_sampling_settings():
+    old = PixelGenerator(tiny_config(**{"generator.start": "normal", "generator.tau": 4.0}), grayscale=True)
+    torch.nn.init.normal_(old.unet.out.weight, std=0.1)
+    now = with_sampling(old, tiny_config().generator)
+    assert now.t_from == 400 and now.config.generator.tau == 0.5 and bool(now.grayscale)
+    assert old.t_from == 700 and old.config.generator.tau == 4.0  # the stored model is left as it was
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), now.state_dict().values()))

@@ -157,7 +157,8 @@ class CalibrationConfig:
 class GeneratorConfig:
     """DAGM in pixels: a diffusion model of the normal images (`hdm fit-generator`) and how it makes
     defects (`hdm generate`). It works at the detector's size (space.image_size) and shares the
-    diffusion schedule (`diffusion`), its seed (`train.seed`) and POM's tau control (`pom.tau_*`)."""
+    diffusion schedule (`diffusion`), its seed (`train.seed`) and POM's tau control (`pom.tau_rate`,
+    `pom.adapt_tau`; its own cap, `tau_max`)."""
 
     width: int = 32  # the UNet's first width; its levels have width x mults
     mults: tuple[int, int, int, int] = (1, 2, 2, 4)
@@ -180,7 +181,11 @@ class GeneratorConfig:
     start: str = "appearance"
     t_appearance: int = 400
     sample_steps: int = 20  # strided reverse steps from the start step to 0
-    tau: float = 4.0  # initial variance inflation of the reverse steps; POM adapts it
+    # Initial variance inflation of the reverse steps; POM adapts it (at pom.tau_rate), here up to tau_max
+    # only: the noise an inflated pixel step adds stays in the image as grain and speckle, which took the
+    # samples farther from real defects than pasting (4.0, capped at 8, in bench/results/realism.md).
+    tau: float = 0.5
+    tau_max: float = 1.0
     # Only the steps at or above this fraction of t_start are inflated. There the denoiser turns the extra
     # noise into coarse structure (blobs, streaks); inflated late steps only left per-pixel colour speckle
     # that no later step removes (contact sheets, bench/results/realism.md).
@@ -193,6 +198,12 @@ class GeneratorConfig:
     change_low: float = 0.005
     change_high: float = 0.5
     attempts: int = 8  # draws per requested sample before it is given up
+
+
+# The [generator] fields that say how defects are drawn, not what the model learned: a fit or a bench draws
+# from a generator trained earlier with its own values of these (`_generator.with_sampling`).
+GENERATOR_SAMPLING = ("start", "t_appearance", "sample_steps", "tau", "tau_max", "inflate_above", "mask_window",
+                      "change_low", "change_high", "attempts")
 
 
 @dataclass
@@ -269,7 +280,7 @@ class HDMConfig:
              "generator.steps, generator.batch_size and generator.checkpoint_every must be > 0"),
             (0 < g.t_start < self.diffusion.timesteps, "generator.t_start must lie inside (0, timesteps)"),
             (g.sample_steps >= 1 and g.attempts >= 1, "generator.sample_steps and generator.attempts must be >= 1"),
-            (g.tau >= 0.0, "generator.tau must be >= 0"),
+            (g.tau >= 0.0 and g.tau_max >= 0.0, "generator.tau and generator.tau_max must be >= 0"),
             (0.0 <= g.inflate_above <= 1.0, "generator.inflate_above must lie in [0, 1]"),
             (g.start in ("appearance", "normal"), "generator.start must be 'appearance' or 'normal'"),
             (0 < g.t_appearance <= g.t_start, "generator.t_appearance must lie in (0, generator.t_start]"),

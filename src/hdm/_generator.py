@@ -10,6 +10,7 @@ that band, as DAGM does in feature space.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._config import HDMConfig
+from ._config import GENERATOR_SAMPLING, GeneratorConfig, HDMConfig
 from ._dagm import appearance_anomaly, crop_box, defect_mask, foreign_textures, is_grayscale, regenerate
 from ._data import HDMInputError, load_images_resized
 from ._device import device_of
@@ -83,6 +84,16 @@ class PixelGenerator(nn.Module):
         return out
 
 
+def with_sampling(model: PixelGenerator, settings: GeneratorConfig) -> PixelGenerator:
+    """`model`'s weights, drawing defects with the sampling fields of `settings` (GENERATOR_SAMPLING)."""
+    config = copy.deepcopy(model.config)
+    for name in GENERATOR_SAMPLING:
+        setattr(config.generator, name, getattr(settings, name))
+    made = PixelGenerator(config, bool(model.grayscale)).to(device_of(model))
+    made.load_state_dict(model.state_dict())
+    return made.eval()
+
+
 @dataclass
 class Defect:
     """One generated sample: the image, its exact mask, and how it was made."""
@@ -113,6 +124,7 @@ def make_defects(model: PixelGenerator, images: np.ndarray, count: int, seed: in
     generator = torch.Generator().manual_seed(seed)
     tau = g.tau if tau is None else tau
     textures = foreign_textures(model.image_size) if g.start == "appearance" else None
+    pom = dataclasses.replace(config.pom, tau_max=g.tau_max)
     defects, rejected = [], 0
     for k in bar(range(count), desc="generate", enabled=progress):
         source = k % len(images)
@@ -128,7 +140,7 @@ def make_defects(model: PixelGenerator, images: np.ndarray, count: int, seed: in
                 defects.append(Defect(made, mask, source, tau, change))
                 break
             rejected += 1
-            tau = adapt_tau(tau, int(small), int(large), 1, config.pom)
+            tau = adapt_tau(tau, int(small), int(large), 1, pom)
     return defects, rejected
 
 

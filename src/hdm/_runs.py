@@ -137,8 +137,9 @@ def resume_run(run: Path, log: Log | None = None, progress: bool = True, device:
 
 def pixel_generator(config: HDMConfig, run: Path, holdout: list[Path], device: "torch.device") -> "PixelGenerator | None":
     """The run's generator when DAGM draws on it (`dagm.pixel_share` > 0): trained first, on these very
-    training images, or one line saying so."""
+    training images, or one line saying so; it draws with this fit's sampling settings."""
     from ._device import place
+    from ._generator import with_sampling
     from ._store import load_generator
 
     if config.dagm.pixel_share <= 0:
@@ -153,7 +154,7 @@ def pixel_generator(config: HDMConfig, run: Path, holdout: list[Path], device: "
     if extra.get("holdout") != [str(p) for p in holdout]:
         raise HDMInputError(f"{run / GENERATOR_FILE}: trained on other images than this fit (another data set or "
                             f"seed); train it again with `hdm fit-generator --run {run} --overwrite`")
-    return place(generator, device)
+    return place(with_sampling(generator, config.generator), device)
 
 
 def train_and_save(config: HDMConfig, train: list[Path], holdout: list[Path], run: Path, extra: dict,
