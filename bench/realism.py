@@ -2,7 +2,7 @@
 appearance anomalies DAGM used before (shuffled patches, foreign textures, stains, brightness changes).
 
     .venv/bin/python bench/realism.py [--root ../shared/datasets] [--categories bottle,...] [--samples 100]
-                                      [--runs runs/realism] [--out bench/results/realism.md]
+                                      [--runs runs/realism] [--set generator.NAME=VALUE ...] [--out bench/results/realism.md]
 
 Per category: a generator is fitted with the default settings (`hdm fit-generator`, timed) into
 RUNS/<category> unless one is there. Then four sets of masked regions:
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hdm._config import HDMConfig
+from hdm._config import HDMConfig, resolve
 from hdm._dagm import appearance_anomaly, foreign_textures, is_grayscale
 from hdm._data import iter_batches, load_images_resized, sample_mask
 from hdm._generate import contact_sheet
@@ -94,9 +94,8 @@ def real_regions(source: DataSource, size: int) -> tuple[np.ndarray, np.ndarray]
     return np.concatenate(images)[keep], np.stack(masks)[keep]
 
 
-def category_rows(root: Path, category: str, runs: Path, samples: int) -> dict:
+def category_rows(root: Path, category: str, runs: Path, samples: int, config: HDMConfig) -> dict:
     source = DataSource.detect(root / CATEGORIES[category], category)
-    config = HDMConfig()
     run = runs / category
     fitted = None
     if not (run / GENERATOR_FILE).exists():
@@ -104,7 +103,7 @@ def category_rows(root: Path, category: str, runs: Path, samples: int) -> dict:
         fit_generator_run(run, source, config, log=lambda m: print(m, file=sys.stderr), progress=False)
         fitted = time.perf_counter() - started
     generator, extra = load_generator(run / GENERATOR_FILE)
-    generator = with_sampling(generator, config.generator)  # one fitted earlier draws at today's defaults
+    generator = with_sampling(generator, config.generator)  # one fitted earlier draws at this bench's settings
     train = split_data(config, source)[0]
     normals = load_images_resized(train, config.space.image_size)
     started = time.perf_counter()
@@ -141,7 +140,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--runs", type=Path, default=Path("runs/realism"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/realism.md"))
+    parser.add_argument("--set", action="append", default=[], metavar="generator.NAME=VALUE",
+                        help="a sampling setting other than the default (as `hdm generate`'s run would hold it)")
     args = parser.parse_args()
+    try:
+        config = resolve(assignments=args.set, where="bench/realism.py --set")
+    except ValueError as exc:
+        sys.exit(f"bench: {exc}")
     command = "python bench/realism.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     lines = [f"# Realism of DAGM's pixel defects\n\nProduced by `{command}` (2 CPU cores). KID x 1000 against the "
              f"real test defects (lower is closer; mean ± spread over {SUBSETS} subsets; the real row: two disjoint halves of it, the floor), diversity = mean pairwise "
@@ -152,7 +157,7 @@ def main() -> None:
         if not (args.root / CATEGORIES[category] / category).is_dir():
             notes.append(f"- {category}: skipped, no data at {args.root / CATEGORIES[category] / category}")
             continue
-        result = category_rows(args.root, category, args.runs, args.samples)
+        result = category_rows(args.root, category, args.runs, args.samples, config)
         for name, row in result["rows"].items():
             lines.append(f"| {category} | {name} | {row['n']} | {1000 * row['kid'][0]:.2f} ± {1000 * row['kid'][1]:.2f} "
                          f"| {row['diversity']:.2f} |")
