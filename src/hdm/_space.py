@@ -4,7 +4,8 @@
 ImageNet-pretrained EfficientNet-Lite cut after its stride-16 stage. Two stages are concatenated on
 the stride-8 grid and normalised per channel with training statistics, so the diffusion sees
 unit-variance z whatever the backbone. The stride-4 stage, computed on the way, is its guide
-(normalised the same way): DDM's refinement draws the map's finer detail from it.
+(normalised the same way): DDM's refinement draws the map's finer detail from it. The pixel space
+(`--space pixel`) is the image itself, with UNets for the denoiser and DDM's head.
 """
 
 from __future__ import annotations
