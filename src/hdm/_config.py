@@ -177,18 +177,18 @@ class GeneratorConfig:
     # (patches, texture, stain, brightness), noised to t_appearance only, so the reverse process redraws
     # it as this surface would show it (lit, textured and joined like the part) instead of erasing it.
     # "normal": the image itself, noised to t_start: the model trained on normal images mostly redraws
-    # normal surface, and what differs is the inflated variance's noise (bench/results/realism.md).
+    # normal surface, and what differs is the inflated variance's noise (`git show 59c372d:bench/results/realism.md`).
     start: str = "appearance"
     t_appearance: int = 400
     sample_steps: int = 20  # strided reverse steps from the start step to 0
     # Initial variance inflation of the reverse steps; POM adapts it (at pom.tau_rate), here up to tau_max
     # only: the noise an inflated pixel step adds stays in the image as grain and speckle, which took the
-    # samples farther from real defects than pasting (4.0, capped at 8, in bench/results/realism.md).
+    # samples farther from real defects than pasting (4.0, capped at 8: bench/results/realism-tau4.md).
     tau: float = 0.5
     tau_max: float = 1.0
     # Only the steps at or above this fraction of t_start are inflated. There the denoiser turns the extra
     # noise into coarse structure (blobs, streaks); inflated late steps only left per-pixel colour speckle
-    # that no later step removes (contact sheets, bench/results/realism.md).
+    # that no later step removes (the contact sheets bench/realism.py writes).
     inflate_above: float = 0.5
     # Default masks (`_dagm.defect_mask`) are blobs of at most this side (and the image) on the part: real
     # defects are local, and only the mask's crop is regenerated, which keeps a sample near a second on a CPU.
