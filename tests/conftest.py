@@ -30,6 +30,34 @@ def wait_while_running(process: subprocess.Popen, ready, seconds: float = 300) -
         time.sleep(0.01)
 
 
+def assert_onnx_parity(run: Path, images: Path, tmp_path: Path) -> int:
+    """Export `run` to ONNX, `hdm predict` `images` with the run and with the graph, and check that
+    decisions match and scores and saved maps agree to 1e-4; returns how many images were scored."""
+    import csv
+
+    from click.testing import CliRunner
+
+    from hdm._cli import main
+
+    onnx_file = tmp_path / "model.onnx"
+    result = CliRunner().invoke(main, ["export", "--run", str(run), "--format", "onnx", "--out", str(onnx_file)])
+    assert result.exit_code == 0, result.output
+    outs = {}
+    for name, flag in (("torch", ["--run", str(run)]), ("onnx", ["--model", str(onnx_file)])):
+        outs[name] = tmp_path / name
+        result = CliRunner().invoke(main, ["predict", *flag, str(images), "--out", str(outs[name]), "--save-maps"])
+        assert result.exit_code == 0, result.output
+    rows = {n: list(csv.DictReader((o / "scores.csv").open())) for n, o in outs.items()}
+    assert [r["decision"] for r in rows["torch"]] == [r["decision"] for r in rows["onnx"]]
+    for a, b in zip(rows["torch"], rows["onnx"]):
+        assert abs(float(a["score"]) - float(b["score"])) <= 1e-4
+    maps = list(outs["torch"].rglob("*.npy"))
+    assert maps
+    for npy in maps:
+        assert np.abs(np.load(npy) - np.load(outs["onnx"] / npy.relative_to(outs["torch"]))).max() <= 1e-4
+    return len(rows["torch"])
+
+
 @pytest.fixture
 def tiny_mvtec(tmp_path):
     """A 3-normal / 1-good-test / 2-defect MVTec-layout tree of 48x40 RGB images."""

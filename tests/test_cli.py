@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import assert_onnx_parity
 from PIL import Image
 
 from hdm._cli import main
@@ -149,22 +150,7 @@ def test_onnx_export_has_parity_with_torch(trained, tmp_path):
                                        "--steps", "3", "--batch-size", "4", "--image-size", "64",
                                        "--set", "pom.density_lists=0"])
     assert result.exit_code == 0, result.output
-    onnx_file = tmp_path / "model.onnx"
-    result = CliRunner().invoke(main, ["export", "--run", str(run), "--format", "onnx", "--out", str(onnx_file)])
-    assert result.exit_code == 0, result.output
-    outs = {}
-    for name, flag in (("torch", ["--run", str(run)]), ("onnx", ["--model", str(onnx_file)])):
-        outs[name] = tmp_path / name
-        result = CliRunner().invoke(main, ["predict", *flag, str(data / CATEGORY / "test"), "--out", str(outs[name]),
-                                           "--save-maps"])
-        assert result.exit_code == 0, result.output
-    rows = {n: list(csv.DictReader((o / "scores.csv").open())) for n, o in outs.items()}
-    assert [r["decision"] for r in rows["torch"]] == [r["decision"] for r in rows["onnx"]]
-    for a, b in zip(rows["torch"], rows["onnx"]):
-        assert abs(float(a["score"]) - float(b["score"])) <= 1e-4
-    for npy in outs["torch"].rglob("*.npy"):
-        other = outs["onnx"] / npy.relative_to(outs["torch"])
-        assert np.abs(np.load(npy) - np.load(other)).max() <= 1e-4
+    assert_onnx_parity(run, data / CATEGORY / "test", tmp_path)
 
 
 def test_predict_needs_exactly_one_model(trained, tmp_path):

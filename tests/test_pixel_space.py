@@ -1,11 +1,9 @@
 """HDM in pixel space (`hdm fit --space pixel`): z is the image, the denoiser and DDM's head are UNets,
 and the run goes through the same fit, test, report, export and predict as a feature-space run."""
 
-import csv
-
-import numpy as np
 import torch
 from click.testing import CliRunner
+from conftest import assert_onnx_parity
 
 from hdm._cli import main
 from hdm._config import resolve
@@ -47,20 +45,4 @@ def test_a_pixel_run_fits_tests_and_exports_with_onnx_parity(tiny_mvtec, tmp_pat
     result = CliRunner().invoke(main, ["test", "--run", str(run), "-q"])
     assert result.exit_code == 0, result.output
     assert (run / "metrics.json").exists() and (run / "report.html").exists()
-    onnx_file = tmp_path / "model.onnx"
-    result = CliRunner().invoke(main, ["export", "--run", str(run), "--format", "onnx", "--out", str(onnx_file)])
-    assert result.exit_code == 0, result.output
-    outs = {}
-    for name, flag in (("torch", ["--run", str(run)]), ("onnx", ["--model", str(onnx_file)])):
-        outs[name] = tmp_path / name
-        result = CliRunner().invoke(main, ["predict", *flag, str(tiny_mvtec / "cat" / "test"), "--out", str(outs[name]),
-                                           "--save-maps"])
-        assert result.exit_code == 0, result.output
-    rows = {n: list(csv.DictReader((o / "scores.csv").open())) for n, o in outs.items()}
-    assert len(rows["torch"]) == 3 and [r["decision"] for r in rows["torch"]] == [r["decision"] for r in rows["onnx"]]
-    for a, b in zip(rows["torch"], rows["onnx"]):
-        assert abs(float(a["score"]) - float(b["score"])) <= 1e-4
-    maps = list(outs["torch"].rglob("*.npy"))
-    assert maps
-    for npy in maps:
-        assert np.abs(np.load(npy) - np.load(outs["onnx"] / npy.relative_to(outs["torch"]))).max() <= 1e-4
+    assert assert_onnx_parity(run, tiny_mvtec / "cat" / "test", tmp_path) == 3

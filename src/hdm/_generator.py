@@ -134,7 +134,7 @@ def make_defects(model: PixelGenerator, images: np.ndarray, count: int, seed: in
             start = None if textures is None else appearance_anomaly(
                 image, images[int(rng.integers(len(images)))], textures, rng, config.dagm, bool(model.grayscale), mask)[0]
             made = model.anomaly(image, mask, tau, generator, start)
-            change = pixel_change(made, images[source], mask)
+            change = pixel_change(made, image, mask)
             small, large = change < g.change_low, change > g.change_high
             if not (small or large):
                 defects.append(Defect(made, mask, source, tau, change))

@@ -81,8 +81,8 @@ class PixelUNet(nn.Module):
         return eps, torch.tanh(v)
 
     def eps(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The noise alone, for DDM's denoising in pixel space."""
-        return self(xt, t)[0]
+        """The noise alone, for DDM's denoising in pixel space (v's tanh is not computed)."""
+        return self.output(xt, t).chunk(2, dim=1)[0]
 
     def output(self, xt: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         """The last layer's channels, before they are split or squashed."""
