@@ -31,20 +31,11 @@ from hdm._inference import calibrate
 from hdm._model import HDM, to_model_input
 from hdm._runtime import keep_freed_memory
 from hdm._store import load_model, save_checkpoint
+from timing import median_rate
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mvtec_ad" / "bottle"
 PEAK_RSS = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-
-
-def median_rate(fn, count: int, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return count / statistics.median(times)
 
 
 def batched(model, images: torch.Tensor, batch_size: int):
