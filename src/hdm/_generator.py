@@ -86,6 +86,8 @@ class PixelGenerator(nn.Module):
 
 def with_sampling(model: PixelGenerator, settings: GeneratorConfig) -> PixelGenerator:
     """`model`'s weights, drawing defects with the sampling fields of `settings` (GENERATOR_SAMPLING)."""
+    if all(getattr(model.config.generator, name) == getattr(settings, name) for name in GENERATOR_SAMPLING):
+        return model.eval()
     config = copy.deepcopy(model.config)
     for name in GENERATOR_SAMPLING:
         setattr(config.generator, name, getattr(settings, name))
