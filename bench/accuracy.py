@@ -176,10 +176,27 @@ def shape_table(rows: list[dict]) -> str:
     return "\n".join(lines) if len(lines) > 2 else "No category has test images of more than one aspect group."
 
 
+def by_category(rows: list[dict]) -> list[dict]:
+    """Rows in CATEGORIES' order; stable, so each part's order is kept within a category."""
+    order = {c: i for i, c in enumerate(CATEGORIES)}
+    return sorted(rows, key=lambda r: order[r["category"]])
+
+
+def save_part(out: Path, text: str, commands: list[str], rows: list[dict]) -> None:
+    """A bench's table, and beside it the JSON that `read_parts` joins with other parts' into one table."""
+    write_bytes_atomic(out, text.encode())
+    write_json(out.with_suffix(".json"), {"commands": commands, "rows": rows})
+
+
+def read_parts(paths: list[Path]) -> tuple[list[str], list[dict]]:
+    """The commands and rows of parts written by `save_part`, in the order given."""
+    parts = [json.loads(path.read_text()) for path in paths]
+    return [c for part in parts for c in part["commands"]], [r for part in parts for r in part["rows"]]
+
+
 def write(out: Path, commands: list[str], rows: list[dict], quiet: bool = False) -> None:
     made_by = " and ".join(f"`{c}`" for c in commands)
-    order = {c: i for i, c in enumerate(CATEGORIES)}
-    rows = sorted(rows, key=lambda r: order[r["category"]])  # stable: each part's order kept within a category
+    rows = by_category(rows)
     text = (f"# Accuracy on the real data\n\nProduced by {made_by} (256², lite0, {torch.get_num_threads()} CPU threads).\n\n"
             f"HDM trains on 90% of the normal training images and calibrates its thresholds on the other 10% "
             f"(target false-alarm rate {HDMConfig().calibration.target_fpr}); the columns 'at threshold' are "
@@ -188,8 +205,7 @@ def write(out: Path, commands: list[str], rows: list[dict], quiet: bool = False)
             f"{table(rows)}\n\n## Per defect type\n\n{type_table(rows)}\n\n"
             f"## Per image shape\n\nTest images grouped by their own aspect ratio (long side / short side) before "
             f"they are resized to the model's square.\n\n{shape_table(rows)}\n")
-    write_bytes_atomic(out, text.encode())
-    write_json(out.with_suffix(".json"), {"commands": commands, "rows": rows})
+    save_part(out, text, commands, rows)
     print(json.dumps(rows[-1]) if quiet else text, file=sys.stderr if quiet else sys.stdout)
 
 
@@ -212,8 +228,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.merge:
-        parts = [json.loads(path.read_text()) for path in args.merge]
-        write(args.out, [c for part in parts for c in part["commands"]], [r for part in parts for r in part["rows"]])
+        write(args.out, *read_parts(args.merge))
         return
     keep_freed_memory()  # as the hdm command does
 

@@ -52,12 +52,12 @@ import torch
 from hdm._data import iter_batches, sample_mask
 from hdm._layouts import DataSource
 from hdm._metrics import METRIC_KEYS, compute_metrics
-from hdm._store import write_bytes_atomic, write_json
-from accuracy import CATEGORIES
+from accuracy import CATEGORIES, by_category, read_parts, save_part
 from timing import median_rate
 
 SIZE = 256
-BATCH = 16
+BATCH = 16  # throughput's batched size; every worker is told it
+REPEATS = 3  # throughput runs, of which the median
 MEMORY_CAP = 16 * 2**30  # address space per method; the machine has 24 GiB
 PEERS = ("patchcore", "padim", "stfpm", "draem", "glass")
 # What a user would pick but cannot run here with nothing downloaded.
@@ -110,8 +110,8 @@ def hdm_worker(args: argparse.Namespace) -> None:
     one = x[:BATCH]
     meta = {"method": "hdm", "train_seconds": fit_seconds, "schedule": "default",
             "images_per_s_batch1": median_rate(lambda: [detector.predict_batch(one[i:i + 1]) for i in range(len(one))],
-                                               len(one), 3),
-            f"images_per_s_batch{BATCH}": median_rate(lambda: detector.predict_batch(one), len(one), 3),
+                                               len(one), REPEATS),
+            f"images_per_s_batch{BATCH}": median_rate(lambda: detector.predict_batch(one), len(one), REPEATS),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     np.savez(args.out, scores=torch.cat([o.scores for o in outputs]).numpy(),
              maps=torch.cat([o.maps[:, 0] for o in outputs]).numpy(), meta=json.dumps(meta))
@@ -182,7 +182,7 @@ def bench_category(category: str, methods: list[str], peers_python: str, steps: 
         else:
             command = [peers_python, str(here / "peers_anomalib.py"), "--method", method, "--inputs", str(inputs),
                        "--budget", f"{budget:.0f}", "--textures", str(textures), "--work", str(work / method),
-                       "--out", str(out)]
+                       "--batch", str(BATCH), "--repeats", str(REPEATS), "--out", str(out)]
             # The budget caps training where Lightning can stop it: between batches. A one-pass model (PatchCore,
             # PaDiM) fits its memory at the end of its single epoch, which nothing stops; the time limit is for hangs.
             result = run_method(command, out, timeout=2 * budget + 3600, env=peer_env)
@@ -199,7 +199,7 @@ def table(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * (len(METRIC_KEYS) + 7)]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['category']} | {r['method']} | " + " | ".join("–" * len(METRIC_KEYS))
+            lines.append(f"| {r['category']} | {r['method']} | " + " | ".join(["–"] * len(METRIC_KEYS))
                          + f" | – | {r['error']} | – | – | – |")
             continue
         training = (r["schedule"] if r["method"] == "hdm" else
@@ -219,8 +219,7 @@ def backbone_lines(rows: list[dict]) -> str:
 
 
 def write(out: Path, commands: list[str], rows: list[dict]) -> None:
-    order = {c: i for i, c in enumerate(CATEGORIES)}
-    rows = sorted(rows, key=lambda r: order[r["category"]])
+    rows = by_category(rows)
     made_by = " and ".join(f"`{c}`" for c in commands)
     text = (f"# hdm beside anomalib's models\n\nProduced by {made_by} ({SIZE}², {torch.get_num_threads()} CPU "
             f"threads; install and method: bench/peers.py's docstring).\n\n"
@@ -234,8 +233,7 @@ def write(out: Path, commands: list[str], rows: list[dict]) -> None:
             f"scikit-image's bundled photographs in place of DTD.\n\n{table(rows)}\n\n"
             f"## The backbone, checked\n\nThe mapped timm network against the package's own, classifying "
             f"test images:\n\n{backbone_lines(rows)}\n")
-    write_bytes_atomic(out, text.encode())
-    write_json(out.with_suffix(".json"), {"commands": commands, "rows": rows})
+    save_part(out, text, commands, rows)
     print(text)
 
 
@@ -257,8 +255,7 @@ def main() -> None:
         hdm_worker(args)
         return
     if args.merge:
-        parts = [json.loads(path.read_text()) for path in args.merge]
-        write(args.out, [c for part in parts for c in part["commands"]], [r for part in parts for r in part["rows"]])
+        write(args.out, *read_parts(args.merge))
         return
     if any(m in PEERS for m in args.methods) and not Path(args.peers_python).is_file():
         sys.exit(f"bench: {args.peers_python} not found: install the peers first (bench/peers.py's docstring)")

@@ -159,8 +159,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, required=True, help="training wall-time cap in seconds")
     parser.add_argument("--textures", required=True, help="folder of texture images (DRAEM's and GLASS's DTD)")
     parser.add_argument("--work", required=True, help="a scratch folder for Lightning")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, required=True, help="throughput's batched size")
+    parser.add_argument("--repeats", type=int, required=True, help="throughput runs, of which the median")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -169,7 +169,8 @@ def main() -> None:
     data = np.load(args.inputs)
     train, test = data["train"], data["test"]
     model = build(args.method, train.shape[1], args.textures)
-    loader = torch.utils.data.DataLoader(Images(train), batch_size=TRAIN_BATCH.get(args.method, 32), shuffle=True, collate_fn=ImageBatch.collate)
+    loader = torch.utils.data.DataLoader(Images(train), batch_size=TRAIN_BATCH.get(args.method, 32), shuffle=True,
+                                         collate_fn=ImageBatch.collate)
     engine = Engine(accelerator="cpu", devices=1, max_epochs=DEFAULT_EPOCHS[args.method], logger=False,
                     max_time=datetime.timedelta(seconds=args.budget), default_root_dir=args.work,
                     enable_progress_bar=False, num_sanity_val_steps=0)
