@@ -204,7 +204,8 @@ def table(rows: list[dict]) -> str:
             continue
         training = (r["schedule"] if r["method"] == "hdm" else
                     f"{r['epochs']} of {r['default_epochs']} epochs ({r['schedule']})"
-                    + (f"; coreset {r['coreset'][0]:,} of {r['coreset'][1]:,} patches" if "coreset" in r else ""))
+                    + (f"; coreset selection stopped at {r['coreset'][0]:,} of its {r['coreset'][1]:,} points"
+                       if "coreset" in r and r["coreset"][0] < r["coreset"][1] else ""))
         lines.append(f"| {r['category']} | {r['method']} | " + " | ".join(f"{r[k]:.4f}" for k in METRIC_KEYS)
                      + f" | {r['train_seconds']:.0f} | {training} | {r['images_per_s_batch1']:.1f} | "
                      f"{r[f'images_per_s_batch{BATCH}']:.1f} | {r['peak_rss_mib']:.0f} |")
