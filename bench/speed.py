@@ -14,10 +14,8 @@ import os
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from copy import deepcopy
 from pathlib import Path
 
@@ -31,11 +29,9 @@ from hdm._inference import calibrate
 from hdm._model import HDM, to_model_input
 from hdm._runtime import keep_freed_memory
 from hdm._store import load_model, save_checkpoint
-from timing import median_rate
+from timing import measured_run, median_rate
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mvtec_ad" / "bottle"
-PEAK_RSS = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
 
 
 def batched(model, images: torch.Tensor, batch_size: int):
@@ -52,10 +48,7 @@ def predict_cli(run: Path, folder: Path, out: Path, keep_memory: bool = True) ->
     hdm = Path(sys.executable).with_name("hdm")
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "HDM_KEEP_FREED_MEMORY": "1" if keep_memory else "0"}
-    started = time.perf_counter()
-    rss = subprocess.run([sys.executable, "-c", PEAK_RSS, str(hdm), "predict", "--run", str(run), str(folder),
-                          "--out", str(out)], check=True, capture_output=True, text=True, env=env).stdout
-    return time.perf_counter() - started, int(rss.strip()) / 1024
+    return measured_run([str(hdm), "predict", "--run", str(run), str(folder), "--out", str(out)], env)
 
 
 def main() -> None:

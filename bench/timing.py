@@ -1,9 +1,16 @@
-"""Timing shared by the benches, free of hdm's imports: bench/peers_anomalib.py runs in the peers' environment."""
+"""Timing and memory shared by the benches, free of hdm's imports: bench/peers_anomalib.py runs in the peers'
+environment."""
 
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 import time
+
+# Run in a process of its own, so that the peak is the command's alone and not that of any other child.
+_PEAK_RSS = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
 
 
 def median_rate(fn, count: int, repeats: int) -> float:
@@ -15,3 +22,11 @@ def median_rate(fn, count: int, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - started)
     return count / statistics.median(times)
+
+
+def measured_run(command: list[str], env: dict | None = None) -> tuple[float, float]:
+    """(seconds, peak RSS in MiB) of `command`."""
+    started = time.perf_counter()
+    rss = subprocess.run([sys.executable, "-c", _PEAK_RSS, *command], check=True, capture_output=True, text=True,
+                         env=env).stdout
+    return time.perf_counter() - started, int(rss.strip()) / 1024

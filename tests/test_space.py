@@ -1,8 +1,11 @@
+import numpy as np
 import pytest
 import torch
 
 from hdm._config import SpaceConfig
+from hdm._model import to_model_input
 from hdm._space import FeatureSpace, upsample
+from hdm._train import encode
 
 
 @pytest.mark.parametrize("backbone,channels,guide_channels",
@@ -29,6 +32,24 @@ def test_normalisation_uses_training_statistics():
     for part in features:
         assert part.mean(dim=(0, 2, 3)).abs().max() < 1e-4
         assert (part.std(dim=(0, 2, 3)) - 1).abs().max() < 1e-3
+
+
+def test_encoding_batch_by_batch_and_normalising_in_place_change_no_value():
+    """A fit's cache is filled batch by batch into tensors allocated once, normalised in place."""
+    space = FeatureSpace(SpaceConfig(image_size=64))
+    images = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+    raw = encode(space, images, batch_size=2, progress=False)  # the last batch is short
+    with torch.no_grad():
+        at_once = space.raw(to_model_input(images))
+    for part, whole in zip(raw, at_once):
+        assert part.shape == whole.shape and torch.allclose(part, whole, atol=1e-5)
+    space.fit_statistics(raw)
+    normalised = encode(space, images, batch_size=2, progress=False, normalised=True)
+    expected = space.normalise(raw)
+    in_place = space.normalise_(raw)
+    assert in_place.z is raw.z
+    for a, b, c in zip(normalised, expected, in_place):
+        assert torch.equal(a, b) and torch.equal(b, c)
 
 
 def test_features_match_the_unfolded_pretrained_network():

@@ -130,10 +130,14 @@ def channel_statistics(values: torch.Tensor, ranks: Ranks) -> tuple[torch.Tensor
     """Per-channel mean and (unbiased) standard deviation of B x C x H x W `values` over every rank's
     rows, as 1 x C x 1 x 1: each rank's count, mean and sum of squared deviations, combined in float64
     (Chan et al.), so they match the statistics of all rows in one process up to float rounding."""
-    x = values.double().transpose(0, 1).reshape(values.shape[1], -1)
-    count = torch.full((x.shape[0],), float(x.shape[1]), dtype=torch.float64, device=x.device)
-    mean = x.mean(1)
-    m2 = ((x - mean[:, None]) ** 2).sum(1)
+    # One channel at a time: the whole cache in float64, transposed, and its squared deviations would
+    # each be twice the cache (they made a fit's peak memory).
+    mean, m2 = (torch.empty(values.shape[1], dtype=torch.float64, device=values.device) for _ in range(2))
+    for c in range(values.shape[1]):
+        x = values[:, c].double().flatten()
+        mean[c] = x.mean()
+        m2[c] = ((x - mean[c]) ** 2).sum()
+    count = torch.full_like(mean, values.numel() // values.shape[1])
     parts = ranks.gather_rows(torch.stack([count, mean, m2])[None])
     counts, means, m2s = parts[:, 0], parts[:, 1], parts[:, 2]
     total = counts.sum(0)

@@ -135,11 +135,6 @@ class Encoded(NamedTuple):
         """`fn` on z and on the guide, if there is one."""
         return Encoded(fn(self.z), None if self.guide is None else fn(self.guide))
 
-    @staticmethod
-    def cat(parts: list["Encoded"]) -> "Encoded":
-        guides = [part.guide for part in parts]
-        return Encoded(torch.cat([part.z for part in parts]), None if guides[0] is None else torch.cat(guides))
-
 
 class Space(nn.Module):
     """What HDM needs of the space the diffusion runs in; the model, DAGM, DDM and training know no more.
@@ -189,6 +184,13 @@ class Space(nn.Module):
     def normalise(self, raw: Encoded) -> Encoded:
         guide = None if raw.guide is None else (raw.guide - self.guide_mean) / self.guide_std
         return Encoded((raw.z - self.z_mean) / self.z_std, guide)
+
+    def normalise_(self, raw: Encoded) -> Encoded:
+        """`normalise` in place: a fit's cache of normal images is not held twice."""
+        raw.z.sub_(self.z_mean).div_(self.z_std)
+        if raw.guide is not None:
+            raw.guide.sub_(self.guide_mean).div_(self.guide_std)
+        return raw
 
     def forward(self, images: torch.Tensor) -> Encoded:
         return self.normalise(self.raw(images))

@@ -47,12 +47,20 @@ def mirror(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def encode(space: Space, images: np.ndarray, batch_size: int = 16, desc: str = "encode",
-           progress: bool = True) -> Encoded:
-    """N x S x S x 3 uint8 images in the space, un-normalised, batch by batch, on the space's device."""
-    device, chunks = device_of(space), []
+           progress: bool = True, normalised: bool = False) -> Encoded:
+    """N x S x S x 3 uint8 images in the space (un-normalised unless `normalised`), batch by batch, on
+    the space's device, into tensors allocated once: a list of batches and its concatenation would
+    hold the encodings twice."""
+    device, whole = device_of(space), None
     for start in bar(range(0, len(images), batch_size), desc=desc, enabled=progress):
-        chunks.append(space.raw(to_model_input(images[start:start + batch_size]).to(device)))
-    return Encoded.cat(chunks)
+        x = to_model_input(images[start:start + batch_size]).to(device)
+        part = space(x) if normalised else space.raw(x)
+        if whole is None:
+            whole = part.apply(lambda t: t.new_empty((len(images), *t.shape[1:])))
+        for into, values in zip(whole, part):
+            if values is not None:
+                into[start:start + len(values)] = values
+    return whole
 
 
 def one_cycle(optimiser: torch.optim.Optimizer, lr: float, steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
@@ -121,7 +129,7 @@ def build_appearance_pool(space: Space, images: np.ndarray, config: HDMConfig, r
             image, mask = appearance_anomaly(images[index], other, textures, rng, config.dagm, grayscale)
         made.append(image)
         masks.append(grid_mask(mask, space.map_grid))
-    encoded = space.normalise(encode(space, np.stack(made), desc="encode anomalies", progress=progress))
+    encoded = encode(space, np.stack(made), desc="encode anomalies", progress=progress, normalised=True)
     shape = (len(images), per_image)
     return (encoded.apply(lambda part: part.view(*shape, *part.shape[1:])),
             torch.stack(masks).view(*shape, 1, space.map_grid, space.map_grid).to(encoded.z.device), len(by_pixels))
@@ -209,7 +217,7 @@ def fit(config: HDMConfig, paths: list[Path], progress: bool = True, log: Callab
     space = model.space
     raw = encode(space, images, desc="encode normal", progress=progress)
     space.fit_statistics(raw, ranks)
-    normal = space.normalise(raw)
+    normal = space.normalise_(raw)
     appearance, app_mask, by_pixels = build_appearance_pool(space, images, config, rng, progress, pixels)
     if model.density is not None:
         # drawn once from every rank's cells, in the one-process order, then sent to every rank
