@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import shutil
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from hdm._runs import GENERATOR_FILE, fit_generator_run, fit_run, test_run
 from hdm._runtime import keep_freed_memory
 from hdm._space import FeatureSpace
 from hdm._store import load_generator, write_bytes_atomic, write_json
+from timing import command_line
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 CATEGORIES = {"bottle": DATASETS / "mvtec_ad", "metal_plate": DATASETS / "mpdd",
@@ -66,6 +66,14 @@ ABLATIONS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
     "pixel-space": ("HDM in pixel space at 96 px (the paper's setting)", {"space.kind": "pixel", "space.image_size": 96},
                     ("bottle", "metal_plate")),
 }
+
+
+def data_root(category: str) -> Path:
+    """The dataset root that holds `category`; the bench stops with a line naming the missing folder."""
+    root = CATEGORIES[category]
+    if not (root / category).is_dir():
+        sys.exit(f"bench: {root / category} not found")
+    return root
 
 
 def configured(overrides: dict, assignments: list[str], steps: int | None, seed: int) -> HDMConfig:
@@ -236,12 +244,10 @@ def main() -> None:
         configured({}, args.set, args.steps, args.seeds[0])
     except ValueError as exc:
         sys.exit(f"bench: {exc}")
-    command = ("python bench/accuracy.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])).strip()
+    command = command_line()
     rows = []
     for category in args.categories:
-        root = CATEGORIES[category]
-        if not (root / category).is_dir():
-            sys.exit(f"bench: {root / category} not found")
+        root = data_root(category)
         runs = [] if args.ablation_only else [("HDM (full)", {}, seed) for seed in args.seeds]
         if args.ablation is not None:
             runs += [(name, extra, args.seeds[0]) for key, (name, extra, categories) in ABLATIONS.items()

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from timing import command_line
 
 HERE = Path(__file__).resolve().parents[1]
 TIMING = """
@@ -72,7 +73,7 @@ def main() -> None:
                               text=True).stdout.strip()[:90]
 
     this, base = statistics.median(rates["this tree"]), statistics.median(rates["base"])
-    command = "python " + " ".join(shlex.quote(a) for a in ["bench/against.py", *sys.argv[1:]])
+    command = command_line()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         f"# Model speed against an earlier commit\n\nProduced by `{command}`: {args.pairs} turns, each tree in a fresh "

@@ -16,9 +16,7 @@ head's held-out scale, as `NormalDensity.fuse` does, then smoothed and scored li
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from hdm._pom import NormalDensity, prior_voice
 from hdm._runs import split_data
 from hdm._store import load_model
 from hdm._train import encode
+from timing import command_line
 
 
 def measure(run: Path, banks: list[str], draws: int, per_class: int) -> list[dict]:
@@ -88,7 +87,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/bank.md"))
     args = parser.parse_args()
     torch.set_num_threads(2)
-    command = "python bench/bank.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = command_line()
     rows = [row for run in args.runs for row in measure(run, args.sizes, args.draws, args.per_class)]
     keys = ("image_auroc", "pixel_auroc", "pixel_aupro")
     lines = [f"# The prior alone against its bank's size, search and draw\n\nProduced by `{command}` (test sample as "

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from hdm._data import list_images
+from timing import command_line
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 ROOTS = {"bottle": "mvtec_ad", "metal_plate": "mpdd", "magnetic_tile": "magnetic_tile", "brain_flair": "lgg_mri"}
@@ -166,7 +167,7 @@ def main() -> None:
     if importlib.util.find_spec("ray") is None:
         raise SystemExit("skipped: needs Ray (pip install -e '.[ray]')")
 
-    command = "python bench/cluster.py " + shlex.join(sys.argv[1:])
+    command = command_line()
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         cluster, start_seconds = start_cluster(os.cpu_count() or 2)

@@ -14,24 +14,23 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from accuracy import CATEGORIES
-from hdm._data import list_images
-from timing import measured_run
+from accuracy import CATEGORIES, data_root
+from hdm._layouts import DataSource
+from timing import command_line, measured_run
 
 HERE = Path(__file__).resolve().parents[1]
 
 
-def fit_peak(src: Path, category: str, steps: int, work: Path) -> float:
+def fit_peak(src: Path, root: Path, category: str, steps: int, work: Path) -> float:
     """Peak RSS in MiB of one `hdm fit` from the package in `src`."""
     env = {**os.environ, "PYTHONPATH": str(src)}
-    return measured_run([sys.executable, "-m", "hdm", "fit", "--data", str(CATEGORIES[category]), "--category",
+    return measured_run([sys.executable, "-m", "hdm", "fit", "--data", str(root), "--category",
                          category, "--out", str(work / category), "--steps", str(steps), "--overwrite", "--quiet"],
                         env)[1]
 
@@ -44,9 +43,7 @@ def main() -> None:
     parser.add_argument("--against", metavar="REV", help="a commit whose fits are measured beside this tree's")
     parser.add_argument("--out", type=Path, default=Path("bench/results/memory.md"))
     args = parser.parse_args()
-    missing = [c for c in args.categories if not (CATEGORIES[c] / c).is_dir()]
-    if missing:
-        sys.exit(f"bench: {', '.join(str(CATEGORIES[c] / c) for c in missing)} not found")
+    roots = {c: data_root(c) for c in args.categories}
 
     with tempfile.TemporaryDirectory(prefix="hdm-memory-") as scratch:
         work = Path(scratch)
@@ -60,7 +57,8 @@ def main() -> None:
             for category in args.categories:
                 for _ in range(args.repeats):
                     for name, src in sources.items():
-                        peaks[category][name].append(fit_peak(src, category, args.steps, work / "runs"))
+                        peak = fit_peak(src, roots[category], category, args.steps, work / "runs")
+                        peaks[category][name].append(peak)
         finally:
             if args.against:
                 subprocess.run(["git", "-C", str(HERE), "worktree", "remove", "--force", str(work / "against")],
@@ -72,12 +70,12 @@ def main() -> None:
     lines = [header, "|---" * (2 + len(names) + bool(args.against)) + "|"]
     for category, runs in peaks.items():
         by_source = {name: statistics.median(values) for name, values in runs.items()}
-        count = len(list_images(CATEGORIES[category] / category / "train" / "good"))
+        count = len(DataSource.detect(roots[category], category).train_samples())
         row = f"| {category} | {count} | " + " | ".join(f"{by_source[n]:.0f}" for n in names)
         row += f" | {by_source[names[0]] / by_source[names[1]]:.2f} |" if args.against else " |"
         lines.append(row)
-    command = "python bench/memory.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    text = (f"# Memory of a fit\n\nProduced by `{command.strip()}`: `hdm fit` at the defaults with train.steps="
+    command = command_line()
+    text = (f"# Memory of a fit\n\nProduced by `{command}`: `hdm fit` at the defaults with train.steps="
             f"{args.steps} (the peak is in the cache, made before the first step), whole process, median over "
             f"{args.repeats} fit(s); 'training images' counts the category's normal training images before the "
             f"calibration hold-out.\n\n" + "\n".join(lines) + "\n")

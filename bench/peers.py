@@ -38,7 +38,6 @@ import argparse
 import json
 import os
 import resource
-import shlex
 import shutil
 import subprocess
 import sys
@@ -52,8 +51,8 @@ import torch
 from hdm._data import iter_batches, sample_mask
 from hdm._layouts import DataSource
 from hdm._metrics import METRIC_KEYS, compute_metrics
-from accuracy import CATEGORIES, by_category, read_parts, save_part
-from timing import median_rate
+from accuracy import CATEGORIES, by_category, data_root, read_parts, save_part
+from timing import command_line, median_rate
 
 SIZE = 256
 BATCH = 16  # throughput's batched size; every worker is told it
@@ -260,11 +259,10 @@ def main() -> None:
         return
     if any(m in PEERS for m in args.methods) and not Path(args.peers_python).is_file():
         sys.exit(f"bench: {args.peers_python} not found: install the peers first (bench/peers.py's docstring)")
-    command = ("python bench/peers.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])).strip()
+    command = command_line()
     rows = []
     for category in args.categories:
-        if not (CATEGORIES[category] / category).is_dir():
-            sys.exit(f"bench: {CATEGORIES[category] / category} not found")
+        data_root(category)
         with tempfile.TemporaryDirectory(prefix=f"peers-{category}-") as work:
             rows += bench_category(category, args.methods, args.peers_python, args.steps, Path(work))
         write(args.out, [command], rows)  # after every category: a stopped run keeps what it finished

@@ -25,7 +25,6 @@ Each category's contact sheet (source | mask | generated, the first 12) goes to 
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ from hdm._runs import GENERATOR_FILE, fit_generator_run, split_data
 from hdm._space import FeatureSpace
 from hdm._store import load_generator, write_png
 from hdm._train import encode
+from timing import command_line
 
 CATEGORIES = {"bottle": "mvtec_ad", "metal_plate": "mpdd", "magnetic_tile": "magnetic_tile", "brain_flair": "lgg_mri"}
 SUBSETS, SUBSET_SIZE = 100, 50
@@ -147,7 +147,7 @@ def main() -> None:
         config = resolve(assignments=args.set, where="bench/realism.py --set")
     except ValueError as exc:
         sys.exit(f"bench: {exc}")
-    command = "python bench/realism.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = command_line()
     lines = [f"# Realism of DAGM's pixel defects\n\nProduced by `{command}` (2 CPU cores). KID x 1000 against the "
              f"real test defects (lower is closer; mean ± spread over {SUBSETS} subsets; the real row: two disjoint halves of it, the floor), diversity = mean pairwise "
              f"distance (standardised Lite0 features of the masked regions; see bench/realism.py).\n",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import shutil
 import statistics
 import sys
@@ -29,7 +28,7 @@ from hdm._inference import calibrate
 from hdm._model import HDM, to_model_input
 from hdm._runtime import keep_freed_memory
 from hdm._store import load_model, save_checkpoint
-from timing import measured_run, median_rate
+from timing import command_line, measured_run, median_rate
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mvtec_ad" / "bottle"
 
@@ -141,8 +140,8 @@ def main() -> None:
         f"| peak RSS, {n} images | {statistics.median(r[1] for r in small_runs):.0f} MiB |",
         f"| peak RSS, {4 * n} images | {statistics.median(r[1] for r in big_runs):.0f} MiB |",
     ]
-    command = "python bench/speed.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    text = (f"# Speed on this machine\n\nProduced by `{command.strip()}`: medians over {args.repeats} runs "
+    command = command_line()
+    text = (f"# Speed on this machine\n\nProduced by `{command}`: medians over {args.repeats} runs "
             f"(3 for `hdm predict`), {torch.get_num_threads()} CPU threads, fp32, 256², MVTec AD bottle test images.\n\n"
             + "\n".join(lines) + "\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)

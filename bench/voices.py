@@ -14,8 +14,6 @@ let the head raise the map only where the prior agrees.
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from hdm._model import to_model_input
 from hdm._pom import normal_scale
 from hdm._runs import split_data
 from hdm._store import load_model
+from timing import command_line
 
 RULES = {
     "head alone": lambda head, prior: head,
@@ -111,7 +110,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/voices.md"))
     args = parser.parse_args()
     torch.set_num_threads(2)
-    command = "python bench/voices.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = command_line()
     rows = [row for run in args.runs for row in measure(run, args.per_class)]
     lines = [f"# HDM's voices and their fusion\n\nProduced by `{command}` from runs made by `hdm fit` (their "
              f"`train_log.json` holds the settings).\n",
