@@ -34,17 +34,15 @@ from hdm._runs import GENERATOR_FILE, fit_generator_run, fit_run, test_run
 from hdm._runtime import keep_freed_memory
 from hdm._space import FeatureSpace
 from hdm._store import load_generator, write_bytes_atomic, write_json
+from categories import CATEGORIES, data_root
 from timing import command_line
 
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-CATEGORIES = {"bottle": DATASETS / "mvtec_ad", "metal_plate": DATASETS / "mpdd",
-              "magnetic_tile": DATASETS / "magnetic_tile", "brain_flair": DATASETS / "lgg_mri"}
 NEW = ("magnetic_tile", "brain_flair")  # the categories no earlier choice was tuned on
 
 # key -> (name, overrides, categories it runs on): every ablation on the two untuned categories,
 # plus where an earlier table measured it.
 ABLATIONS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
-    "no-density": ("POM without the density prior", {"pom.density_bank": 0}, CATEGORIES.keys()),
+    "no-density": ("POM without the density prior", {"pom.density_bank": 0}, CATEGORIES),
     "density-pool2": ("POM's prior asked about 2x2 means of z cells (4x less search)", {"pom.density_pool": 2},
                       ("bottle", *NEW)),
     "raw-distance": ("POM's prior as the raw distance to the nearest bank cell (no radius)",
@@ -60,20 +58,12 @@ ABLATIONS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
                          ("bottle", *NEW)),
     # An addition, not a removal: its rows' train seconds include fitting the generator first.
     "pixel-dagm": ("with pixel-DAGM defects as a quarter of the appearance anomalies", {"dagm.pixel_share": 0.25},
-                   CATEGORIES.keys()),
+                   CATEGORIES),
     # Not a removal either: the whole method on the image itself, at the largest size a CPU trains in about an hour
     # (image sizes are multiples of 32; 20 steps at 128 px took 131 s here, so 800 would take ~1.5 h).
     "pixel-space": ("HDM in pixel space at 96 px (the paper's setting)", {"space.kind": "pixel", "space.image_size": 96},
                     ("bottle", "metal_plate")),
 }
-
-
-def data_root(category: str) -> Path:
-    """The dataset root that holds `category`; the bench stops with a line naming the missing folder."""
-    root = CATEGORIES[category]
-    if not (root / category).is_dir():
-        sys.exit(f"bench: {root / category} not found")
-    return root
 
 
 def configured(overrides: dict, assignments: list[str], steps: int | None, seed: int) -> HDMConfig:

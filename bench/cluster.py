@@ -29,10 +29,9 @@ import time
 from pathlib import Path
 
 from hdm._data import list_images
+from categories import CATEGORIES, category_root
 from timing import command_line
 
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-ROOTS = {"bottle": "mvtec_ad", "metal_plate": "mpdd", "magnetic_tile": "magnetic_tile", "brain_flair": "lgg_mri"}
 HDM = [sys.executable, "-m", "hdm"]
 ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
 
@@ -59,7 +58,7 @@ def start_cluster(cpus: int):
 
 
 def fit_rows(category: str, steps: int, repeats: int, address: str, work: Path) -> list[tuple[str, list[float]]]:
-    root = DATASETS / ROOTS[category]
+    root = category_root(category)
     base = [*HDM, "fit", "--data", str(root), "--category", category, "--seeds", "0,1", "--steps", str(steps), "-q"]
     ways = [("plain: --engine local, 2 threads per fit, one at a time", ["--engine", "local", "--cpus-per-fit", "2"]),
             ("Ray: 1 fit at a time on 2 CPUs", ["--engine", "ray", "--address", address, "--cpus-per-fit", "2"]),
@@ -77,9 +76,9 @@ def fit_rows(category: str, steps: int, repeats: int, address: str, work: Path) 
 def predict_rows(category: str, model_category: str, repeats: int, address: str,
                  work: Path) -> tuple[list[tuple[str, list[float]]], int, dict]:
     """The model's speed does not depend on its weights: a short fit on `model_category` serves."""
-    root = DATASETS / ROOTS[category]
+    root = category_root(category)
     run = work / "predict-run"
-    timed([*HDM, "fit", "--data", str(DATASETS / ROOTS[model_category]), "--category", model_category, "--steps", "20",
+    timed([*HDM, "fit", "--data", str(category_root(model_category)), "--category", model_category, "--steps", "20",
            "--out", str(run), "-q"])
     images = root / category / "test"
     files = list_images(images)
@@ -152,9 +151,9 @@ def table(rows: list[tuple[str, list[float]]], unit: str, work_done: float) -> l
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fit-category", default="bottle", choices=list(ROOTS))
+    parser.add_argument("--fit-category", default="bottle", choices=list(CATEGORIES))
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--predict-category", default="brain_flair", choices=list(ROOTS))
+    parser.add_argument("--predict-category", default="brain_flair", choices=list(CATEGORIES))
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the predict commands")
     parser.add_argument("--fit-repeats", type=int, default=1, help="repeats of the fit commands")
     parser.add_argument("--nodes", type=int, default=100, help="the scale model's cluster: nodes ...")
@@ -162,8 +161,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/cluster.md"))
     args = parser.parse_args()
     for category in (args.fit_category, args.predict_category):
-        if not (DATASETS / ROOTS[category] / category).is_dir():
-            raise SystemExit(f"skipped: {DATASETS / ROOTS[category] / category} is not here")
+        if not (category_root(category) / category).is_dir():
+            raise SystemExit(f"skipped: {category_root(category) / category} is not here")
     if importlib.util.find_spec("ray") is None:
         raise SystemExit("skipped: needs Ray (pip install -e '.[ray]')")
 

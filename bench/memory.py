@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from accuracy import CATEGORIES, data_root
+from categories import CATEGORIES, data_root
 from hdm._layouts import DataSource
 from timing import command_line, measured_run
 

@@ -51,7 +51,8 @@ import torch
 from hdm._data import iter_batches, sample_mask
 from hdm._layouts import DataSource
 from hdm._metrics import METRIC_KEYS, compute_metrics
-from accuracy import CATEGORIES, by_category, data_root, read_parts, save_part
+from accuracy import by_category, read_parts, save_part
+from categories import CATEGORIES, category_root, data_root
 from timing import command_line, median_rate
 
 SIZE = 256
@@ -146,7 +147,7 @@ def scored(result: dict, labels: np.ndarray, masks: np.ndarray) -> dict:
 
 
 def bench_category(category: str, methods: list[str], peers_python: str, steps: int | None, work: Path) -> list[dict]:
-    root = CATEGORIES[category]
+    root = category_root(category)
     source = DataSource.detect(root, category)
     tests = source.test_samples()
     train, _ = decoded(source.train_samples())

@@ -42,9 +42,9 @@ from hdm._runs import GENERATOR_FILE, fit_generator_run, split_data
 from hdm._space import FeatureSpace
 from hdm._store import load_generator, write_png
 from hdm._train import encode
+from categories import CATEGORIES, DATASETS, category_root
 from timing import command_line
 
-CATEGORIES = {"bottle": "mvtec_ad", "metal_plate": "mpdd", "magnetic_tile": "magnetic_tile", "brain_flair": "lgg_mri"}
 SUBSETS, SUBSET_SIZE = 100, 50
 
 
@@ -95,7 +95,7 @@ def real_regions(source: DataSource, size: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def category_rows(root: Path, category: str, runs: Path, samples: int, config: HDMConfig) -> dict:
-    source = DataSource.detect(root / CATEGORIES[category], category)
+    source = DataSource.detect(category_root(category, root), category)
     run = runs / category
     fitted = None
     if not (run / GENERATOR_FILE).exists():
@@ -135,7 +135,7 @@ def category_rows(root: Path, category: str, runs: Path, samples: int, config: H
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "datasets")
+    parser.add_argument("--root", type=Path, default=DATASETS)
     parser.add_argument("--categories", default=",".join(CATEGORIES))
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--runs", type=Path, default=Path("runs/realism"))
@@ -154,8 +154,8 @@ def main() -> None:
              "| category | set | regions | KID x 1000 | diversity |", "|---|---|---|---|---|"]
     notes = []
     for category in args.categories.split(","):
-        if not (args.root / CATEGORIES[category] / category).is_dir():
-            notes.append(f"- {category}: skipped, no data at {args.root / CATEGORIES[category] / category}")
+        if not (category_root(category, args.root) / category).is_dir():
+            notes.append(f"- {category}: skipped, no data at {category_root(category, args.root) / category}")
             continue
         result = category_rows(args.root, category, args.runs, args.samples, config)
         for name, row in result["rows"].items():

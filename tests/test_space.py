@@ -45,7 +45,9 @@ def test_encoding_batch_by_batch_and_normalising_in_place_change_no_value():
         assert part.shape == whole.shape and torch.allclose(part, whole, atol=1e-5)
     space.fit_statistics(raw)
     normalised = encode(space, images, batch_size=2, progress=False, normalised=True)
+    before = raw.apply(torch.clone)
     expected = space.normalise(raw)
+    assert all(torch.equal(a, b) for a, b in zip(raw, before))  # the out-of-place form leaves its input alone
     in_place = space.normalise_(raw)
     assert in_place.z is raw.z
     for a, b, c in zip(normalised, expected, in_place):

@@ -182,8 +182,7 @@ class Space(nn.Module):
         return None
 
     def normalise(self, raw: Encoded) -> Encoded:
-        guide = None if raw.guide is None else (raw.guide - self.guide_mean) / self.guide_std
-        return Encoded((raw.z - self.z_mean) / self.z_std, guide)
+        return self.normalise_(raw.apply(torch.clone))
 
     def normalise_(self, raw: Encoded) -> Encoded:
         """`normalise` in place: a fit's cache of normal images is not held twice."""
