@@ -7,8 +7,8 @@
 Trains and tests each category at the default settings (256^2, lite0) and writes a Markdown table
 naming this command, with a second table per defect type. The anchor uses the same frozen features,
 smoothing and top-k score and is measured in every run. With several seeds, full HDM is trained once
-per seed (the spread between seeds is the yardstick for any difference in the table); the ablations
-use the first seed. A long bench runs in parts, each with its own --out; --merge joins their JSON
+per seed (the spread between seeds is the yardstick for any difference in the table; a second table
+averages each method over its seeds); the ablations use the first seed. A long bench runs in parts, each with its own --out; --merge joins their JSON
 files into one table that names every part's command.
 """
 
@@ -149,6 +149,22 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def seed_table(rows: list[dict]) -> str:
+    """Each method's metrics averaged over its seeds, where it has two or more (a seed measured in two
+    parts counts once: the later part's row), so that a difference is read against the spread of seeds."""
+    groups: dict[tuple[str, str], dict[int, dict]] = {}
+    for r in rows:
+        if "seed" in r:
+            groups.setdefault((r["category"], r["method"]), {})[r["seed"]] = r
+    lines = ["| category | method | seeds | " + " | ".join(METRIC_KEYS) + " |", "|" + "---|" * (len(METRIC_KEYS) + 3)]
+    for (category, method), seeds in groups.items():
+        if len(seeds) > 1:
+            means = [sum(r[k] for r in seeds.values()) / len(seeds) for k in METRIC_KEYS]
+            lines.append(f"| {category} | {method} | {', '.join(map(str, sorted(seeds)))} | "
+                         + " | ".join(f"{m:.4f}" for m in means) + " |")
+    return "\n".join(lines) if len(lines) > 2 else "No method was measured at more than one seed."
+
+
 def type_table(rows: list[dict]) -> str:
     """Image AUROC / pixel AUROC / AUPRO per defect type (each type against all normal test images)."""
     lines = ["| category | defect type (images) | method | seed | image AUROC | pixel AUROC | AUPRO |", "|---|---|---|---|---|---|---|"]
@@ -200,7 +216,7 @@ def write(out: Path, commands: list[str], rows: list[dict], quiet: bool = False)
             f"(target false-alarm rate {HDMConfig().calibration.target_fpr}); the columns 'at threshold' are "
             f"image-level recall on defective and false-alarm rate on normal test images at that threshold. "
             f"Each part measures the anchor again beside its own HDM rows.\n\n"
-            f"{table(rows)}\n\n## Per defect type\n\n{type_table(rows)}\n\n"
+            f"{table(rows)}\n\n## Mean over seeds\n\n{seed_table(rows)}\n\n## Per defect type\n\n{type_table(rows)}\n\n"
             f"## Per image shape\n\nTest images grouped by their own aspect ratio (long side / short side) before "
             f"they are resized to the model's square.\n\n{shape_table(rows)}\n")
     save_part(out, text, commands, rows)
