@@ -120,16 +120,16 @@ def build_appearance_pool(space: Space, images: np.ndarray, config: HDMConfig, r
         defects = make_defects(pixels, images[starts], len(chosen), seed=int(rng.integers(2 ** 31)),
                                progress=progress)[0] if len(chosen) else []
         by_pixels = {int(chosen[d.source]): (d.image, d.mask) for d in defects}
-    made, masks = [], []
+    made, masks = np.empty((len(slots), *images.shape[1:]), dtype=images.dtype), []  # filled in place: held once
     for slot, index in enumerate(slots):
         if slot in by_pixels:
             image, mask = by_pixels[slot]
         else:
             other = images[int(rng.integers(len(images)))]
             image, mask = appearance_anomaly(images[index], other, textures, rng, config.dagm, grayscale)
-        made.append(image)
+        made[slot] = image
         masks.append(grid_mask(mask, space.map_grid))
-    encoded = encode(space, np.stack(made), desc="encode anomalies", progress=progress, normalised=True)
+    encoded = encode(space, made, desc="encode anomalies", progress=progress, normalised=True)
     shape = (len(images), per_image)
     return (encoded.apply(lambda part: part.view(*shape, *part.shape[1:])),
             torch.stack(masks).view(*shape, 1, space.map_grid, space.map_grid).to(encoded.z.device), len(by_pixels))
