@@ -8,8 +8,8 @@ Trains and tests each category at the default settings (256^2, lite0) and writes
 naming this command, with a second table per defect type. The anchor uses the same frozen features,
 smoothing and top-k score and is measured in every run. With several seeds, full HDM is trained once
 per seed (the spread between seeds is the yardstick for any difference in the table; a second table
-averages each method over its seeds); the ablations use the first seed. A long bench runs in parts, each with its own --out; --merge joins their JSON
-files into one table that names every part's command.
+averages each method over its seeds); the ablations use the first seed. A long bench runs in parts,
+each with its own --out; --merge joins their JSON files into one table that names every part's command.
 """
 
 from __future__ import annotations

@@ -17,9 +17,13 @@ def category_root(category: str, datasets: Path = DATASETS) -> Path:
     return datasets / FOLDERS[category]
 
 
+def category_folder(category: str, datasets: Path = DATASETS) -> Path:
+    """The category's own folder (train/, test/, ground_truth/): the one that is absent where the data is."""
+    return category_root(category, datasets) / category
+
+
 def data_root(category: str) -> Path:
     """`category_root`, or the bench stops with a line naming the missing folder."""
-    root = category_root(category)
-    if not (root / category).is_dir():
-        sys.exit(f"bench: {root / category} not found")
-    return root
+    if not category_folder(category).is_dir():
+        sys.exit(f"bench: {category_folder(category)} not found")
+    return category_root(category)

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from hdm._data import list_images
-from categories import CATEGORIES, category_root
+from categories import CATEGORIES, category_folder, category_root
 from timing import command_line
 
 HDM = [sys.executable, "-m", "hdm"]
@@ -76,11 +76,10 @@ def fit_rows(category: str, steps: int, repeats: int, address: str, work: Path) 
 def predict_rows(category: str, model_category: str, repeats: int, address: str,
                  work: Path) -> tuple[list[tuple[str, list[float]]], int, dict]:
     """The model's speed does not depend on its weights: a short fit on `model_category` serves."""
-    root = category_root(category)
     run = work / "predict-run"
     timed([*HDM, "fit", "--data", str(category_root(model_category)), "--category", model_category, "--steps", "20",
            "--out", str(run), "-q"])
-    images = root / category / "test"
+    images = category_folder(category) / "test"
     files = list_images(images)
     count = len(files)
     manifest = work / "images.csv"
@@ -161,8 +160,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/cluster.md"))
     args = parser.parse_args()
     for category in (args.fit_category, args.predict_category):
-        if not (category_root(category) / category).is_dir():
-            raise SystemExit(f"skipped: {category_root(category) / category} is not here")
+        if not category_folder(category).is_dir():
+            raise SystemExit(f"skipped: {category_folder(category)} is not here")
     if importlib.util.find_spec("ray") is None:
         raise SystemExit("skipped: needs Ray (pip install -e '.[ray]')")
 

@@ -42,7 +42,7 @@ from hdm._runs import GENERATOR_FILE, fit_generator_run, split_data
 from hdm._space import FeatureSpace
 from hdm._store import load_generator, write_png
 from hdm._train import encode
-from categories import CATEGORIES, DATASETS, category_root
+from categories import CATEGORIES, DATASETS, category_folder, category_root
 from timing import command_line
 
 SUBSETS, SUBSET_SIZE = 100, 50
@@ -154,8 +154,8 @@ def main() -> None:
              "| category | set | regions | KID x 1000 | diversity |", "|---|---|---|---|---|"]
     notes = []
     for category in args.categories.split(","):
-        if not (category_root(category, args.root) / category).is_dir():
-            notes.append(f"- {category}: skipped, no data at {category_root(category, args.root) / category}")
+        if not category_folder(category, args.root).is_dir():
+            notes.append(f"- {category}: skipped, no data at {category_folder(category, args.root)}")
             continue
         result = category_rows(args.root, category, args.runs, args.samples, config)
         for name, row in result["rows"].items():

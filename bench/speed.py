@@ -28,10 +28,10 @@ from hdm._inference import calibrate
 from hdm._model import HDM, to_model_input
 from hdm._runtime import keep_freed_memory
 from hdm._store import load_model, save_checkpoint
-from categories import category_root
+from categories import category_folder
 from timing import command_line, measured_run, median_rate
 
-DATA = category_root("bottle") / "bottle"
+DATA = category_folder("bottle")
 
 
 def batched(model, images: torch.Tensor, batch_size: int):
