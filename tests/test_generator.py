@@ -84,6 +84,29 @@ def test_regeneration_changes_only_the_masked_region():
     assert torch.equal(out, again)
 
 
+def test_the_guide_keeps_the_starts_coarse_content_and_redraws_the_detail():
+    torch.manual_seed(0)
+    net = PixelUNet(3, 8, (1, 1, 1, 1))
+    torch.nn.init.normal_(net.out.weight, std=0.1)
+    process = GaussianDiffusion.linear(1000, 1e-4, 0.02).respaced(strided_timesteps(700, 4))
+    x0 = torch.full((1, 3, 32, 32), -0.6)
+    x0[..., 8:24] = 0.6  # a coarse shape: a bright band
+    x0 += 0.3 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))  # and fine grain
+    mask = torch.ones(1, 1, 32, 32)
+
+    def draw(guide):
+        return regenerate(x0, mask, net, process, tau=1.0, generator=torch.Generator().manual_seed(0), guide=guide)
+
+    def coarse_gap(x):
+        return (torch.nn.functional.avg_pool2d(x - x0, 8)).abs().mean()
+
+    guided, free = draw(4), draw(0)
+    assert coarse_gap(guided) < 0.25 * coarse_gap(free)
+    assert (guided - x0).abs().mean() > 0.1  # the detail is drawn again, not copied
+    with pytest.raises(ValueError, match="generator.guide must be 0 or a power of two"):
+        resolve(None, {"generator.guide": 3})
+
+
 def test_pixel_scale_round_trips_uint8_images():
     image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
     assert to_pixels(image).shape == (3, 5, 7) and to_pixels(image).abs().max() <= 1

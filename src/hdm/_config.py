@@ -190,6 +190,12 @@ class GeneratorConfig:
     # noise into coarse structure (blobs, streaks); inflated late steps only left per-pixel colour speckle
     # that no later step removes (the contact sheets bench/realism.py writes).
     inflate_above: float = 0.5
+    # ILVR guide: > 1 keeps the start's content coarser than this many pixels at every step and lets the
+    # model draw only the finer detail (`_dagm.regenerate`); 0 regenerates the region freely. Freely, the
+    # reverse process redrew most pasted regions on magnetic_tile back into the tile (423 of 490 draws too
+    # small a change); guided, the defect keeps its shape and shading in the surface's own grain, level with
+    # pasting or closer on all four categories (bench/results/realism.md, against realism-guide8.md).
+    guide: int = 4
     # Default masks (`_dagm.defect_mask`) are blobs of at most this side (and the image) on the part: real
     # defects are local, and only the mask's crop is regenerated, which keeps a sample near a second on a CPU.
     mask_window: int = 80
@@ -202,7 +208,7 @@ class GeneratorConfig:
 
 # The [generator] fields that say how defects are drawn, not what the model learned: a fit or a bench draws
 # from a generator trained earlier with its own values of these (`_generator.with_sampling`).
-GENERATOR_SAMPLING = ("start", "t_appearance", "sample_steps", "tau", "tau_max", "inflate_above", "mask_window",
+GENERATOR_SAMPLING = ("start", "t_appearance", "sample_steps", "tau", "tau_max", "inflate_above", "guide", "mask_window",
                       "change_low", "change_high", "attempts")
 
 
@@ -282,6 +288,8 @@ class HDMConfig:
             (g.sample_steps >= 1 and g.attempts >= 1, "generator.sample_steps and generator.attempts must be >= 1"),
             (g.tau >= 0.0 and g.tau_max >= 0.0, "generator.tau and generator.tau_max must be >= 0"),
             (0.0 <= g.inflate_above <= 1.0, "generator.inflate_above must lie in [0, 1]"),
+            (g.guide == 0 or (g.guide > 1 and 2 ** (len(g.mults) - 1) % g.guide == 0),
+             "generator.guide must be 0 or a power of two from 2 up to the UNet's stride (2 ** (levels - 1))"),
             (g.start in ("appearance", "normal"), "generator.start must be 'appearance' or 'normal'"),
             (0 < g.t_appearance <= g.t_start, "generator.t_appearance must lie in (0, generator.t_start]"),
             (g.mask_window >= 16, "generator.mask_window must be at least 16"),

@@ -13,8 +13,8 @@ Anomalous training samples with masks, made from normal z_0 only:
 DAGM in pixels (`regenerate`, used by `_generator`) is the same reverse process on an image: the
 masked region (by default a compact blob on the part's foreground, `defect_mask`) is noised and
 regenerated at (1 + tau) Sigma_theta by a pixel diffusion model, the rest of the image held to the
-input. By default the region starts as an appearance anomaly, which the reverse process redraws as this
-surface would show it.
+input. By default the region starts as an appearance anomaly whose coarse content every step keeps (the
+ILVR guide) while the reverse process redraws its detail as this surface would show it.
 """
 
 from __future__ import annotations
@@ -267,13 +267,21 @@ def crop_box(mask: np.ndarray, multiple: int, margin: int) -> tuple[slice, slice
     return span(mask.any(axis=1)), span(mask.any(axis=0))
 
 
+def low_pass(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """x's content coarser than `factor` pixels: the mean of each factor x factor cell, spread bilinearly."""
+    return F.interpolate(F.avg_pool2d(x, factor), scale_factor=factor, mode="bilinear", align_corners=False)
+
+
 @torch.no_grad()
 def regenerate(x0: torch.Tensor, mask: torch.Tensor, net: PixelUNet, process: GaussianDiffusion, tau: float,
-               generator: torch.Generator, inflate_from: int = 0) -> torch.Tensor:
+               generator: torch.Generator, inflate_from: int = 0, guide: int = 0) -> torch.Tensor:
     """Noise x_0 (B x 3 x h x w in [-1, 1]) to the last step of `process`, then run the reverse process
     with variance (1 + tau) Sigma_theta on the steps at original timesteps >= `inflate_from`, Sigma_theta
     below. Outside `mask` (B x 1 x h x w, 1 = regenerate) every step takes x_0 noised to that step's
-    level, so the new content is made to join its surroundings, and the last step returns x_0 there."""
+    level, so the new content is made to join its surroundings, and the last step returns x_0 there.
+    With `guide` > 1 (h and w multiples of it), inside the mask too each step keeps x_0's noised content
+    coarser than `guide` pixels and draws only the finer detail (ILVR, Choi et al. 2021): the result has
+    x_0's shapes and shading in the surface's own texture."""
     device = x0.device
 
     def draw() -> torch.Tensor:
@@ -287,6 +295,8 @@ def regenerate(x0: torch.Tensor, mask: torch.Tensor, net: PixelUNet, process: Ga
         inflation = tau if int(process.timestep_map[t[0]]) >= inflate_from else 0.0
         made = process.p_sample(eps, v, x, t, draw(), tau=inflation)
         known = process.q_sample(x0, t - 1, draw()) if int(t[0]) > 0 else x0
+        if guide > 1:
+            made = made - low_pass(made, guide) + low_pass(known, guide)
         return mask * made + (1 - mask) * known
 
     return process.reverse(x, step)

@@ -76,7 +76,8 @@ class PixelGenerator(nn.Module):
         x0 = to_pixels(begin[rows, cols])[None].to(device)
         inside = torch.from_numpy(mask[rows, cols]).float()[None, None].to(device)
         inflate_from = round(self.config.generator.inflate_above * self.t_from)
-        x = regenerate(x0, inside, self.unet, self.reverse, tau, generator, inflate_from)
+        x = regenerate(x0, inside, self.unet, self.reverse, tau, generator, inflate_from,
+                       self.config.generator.guide)
         if bool(self.grayscale):
             x = x.mean(dim=1, keepdim=True).expand_as(x)
         out = image.copy()
