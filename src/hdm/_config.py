@@ -212,6 +212,11 @@ GENERATOR_SAMPLING = ("start", "t_appearance", "sample_steps", "tau", "tau_max",
                       "change_low", "change_high", "attempts")
 
 
+def unet_stride(mults: tuple[int, ...]) -> int:
+    """How far a UNet with these level multipliers downsamples: sizes it sees are multiples of this."""
+    return 2 ** (len(mults) - 1)
+
+
 @dataclass
 class HDMConfig:
     space: SpaceConfig = field(default_factory=SpaceConfig)
@@ -254,7 +259,7 @@ class HDMConfig:
             (not feature or (self.space.image_size >= 64 and self.space.image_size % 32 == 0),
              "space.image_size must be a multiple of 32, at least 64"),
             (self.space.kind != "pixel" or (self.space.unet_width >= 8 and all(m >= 1 for m in self.space.unet_mults)
-                                            and self.space.image_size % 2 ** (len(self.space.unet_mults) - 1) == 0),
+                                            and self.space.image_size % unet_stride(self.space.unet_mults) == 0),
              "space.unet_width must be >= 8, space.unet_mults >= 1, and space.image_size a multiple of the UNet's stride"),
             (self.ddm.mode in ("one_step", "norm_guided", "k_step"),
              "ddm.mode must be one_step, norm_guided or k_step"),
@@ -288,7 +293,7 @@ class HDMConfig:
             (g.sample_steps >= 1 and g.attempts >= 1, "generator.sample_steps and generator.attempts must be >= 1"),
             (g.tau >= 0.0 and g.tau_max >= 0.0, "generator.tau and generator.tau_max must be >= 0"),
             (0.0 <= g.inflate_above <= 1.0, "generator.inflate_above must lie in [0, 1]"),
-            (g.guide == 0 or (g.guide > 1 and 2 ** (len(g.mults) - 1) % g.guide == 0),
+            (g.guide == 0 or (g.guide > 1 and unet_stride(g.mults) % g.guide == 0),
              "generator.guide must be 0 or a power of two from 2 up to the UNet's stride (2 ** (levels - 1))"),
             (g.start in ("appearance", "normal"), "generator.start must be 'appearance' or 'normal'"),
             (0 < g.t_appearance <= g.t_start, "generator.t_appearance must lie in (0, generator.t_start]"),

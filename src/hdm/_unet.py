@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._config import unet_stride
 from ._denoiser import timestep_embedding
 
 
@@ -74,7 +75,7 @@ class PixelUNet(nn.Module):
         # Start at zero noise and v = 0, as the feature denoiser does: the VLB starts finite.
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
-        self.stride = 2 ** (len(mults) - 1)
+        self.stride = unet_stride(mults)
 
     def forward(self, xt: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         eps, v = self.output(xt, t).chunk(2, dim=1)
