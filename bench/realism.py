@@ -17,7 +17,11 @@ covered one if none), of the frozen Lite0 features hdm's feature space computes 
 channel over the training normals). No Inception network exists offline, so these replace it.
 KID: the unbiased squared MMD with the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3, mean and spread
 over 100 random subsets of min(n, 50) per set; the real row compares two disjoint halves of the real
-regions (the floor). Diversity: the mean pairwise distance within a set.
+regions (the floor). Generated and paste are compared paired: on each subset both are scored against the
+same real regions, with the same masks and starts, and the difference's mean, spread and the share of
+subsets where generated is closer are reported (the spread of each KID alone is mostly the draw of real
+regions, which both share). Diversity: the mean pairwise distance within a set; generated against paste
+also per subset of the same samples, as a relative difference.
 Goal (issue 19): generated closer to real than paste on every category, at no less diversity.
 Each category's contact sheet (source | mask | generated, the first 12) goes to RUNS/<category>/contact_sheet.png.
 """
@@ -61,27 +65,48 @@ def descriptors(space: FeatureSpace, images: np.ndarray, masks: np.ndarray) -> n
     return pooled.double().numpy()
 
 
-def kid(x: np.ndarray, y: np.ndarray | None, rng: np.random.Generator) -> tuple[float, float]:
-    """(mean, standard deviation) over subsets of the unbiased MMD^2 with the cubic polynomial kernel;
-    y = None compares two disjoint halves of x (the floor: a set against itself)."""
-    d = x.shape[1]
-    m = min(len(x) // 2, SUBSET_SIZE) if y is None else min(len(x), len(y), SUBSET_SIZE)
-    values = []
+def mmd2(a: np.ndarray, b: np.ndarray) -> float:
+    """The unbiased squared MMD between two samples of one size with the cubic polynomial kernel."""
+    d, off = a.shape[1], ~np.eye(len(a), dtype=bool)
+    kxx, kyy, kxy = (a @ a.T / d + 1) ** 3, (b @ b.T / d + 1) ** 3, (a @ b.T / d + 1) ** 3
+    return float(kxx[off].mean() + kyy[off].mean() - 2 * kxy.mean())
+
+
+def kid(real: np.ndarray, aligned: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """KID of each aligned set (one row per sample, the k-th rows of all sets made from one mask and start)
+    against `real`, per subset: every set is scored on the same draw of real regions and the same samples,
+    so a difference between two sets is measured without the spread the draw adds to both. "real": two
+    disjoint halves of `real` (the floor)."""
+    n = len(next(iter(aligned.values())))
+    m, half = min(len(real), n, SUBSET_SIZE), min(len(real) // 2, SUBSET_SIZE)
+    values: dict[str, list[float]] = {"real": [], **{name: [] for name in aligned}}
     for _ in range(SUBSETS):
-        if y is None:
-            pick = rng.permutation(len(x))
-            a, b = x[pick[:m]], x[pick[m:2 * m]]
-        else:
-            a, b = x[rng.choice(len(x), m, replace=False)], y[rng.choice(len(y), m, replace=False)]
-        kxx, kyy, kxy = ((a @ a.T / d + 1) ** 3, (b @ b.T / d + 1) ** 3, (a @ b.T / d + 1) ** 3)
-        off = ~np.eye(m, dtype=bool)
-        values.append(kxx[off].mean() + kyy[off].mean() - 2 * kxy.mean())
-    return float(np.mean(values)), float(np.std(values))
+        pick = rng.permutation(len(real))
+        values["real"].append(mmd2(real[pick[:half]], real[pick[half:2 * half]]))
+        rows, samples = real[rng.choice(len(real), m, replace=False)], rng.choice(n, m, replace=False)
+        for name, x in aligned.items():
+            values[name].append(mmd2(x[samples], rows))
+    return {name: np.asarray(v) for name, v in values.items()}
+
+
+def distances(x: np.ndarray) -> np.ndarray:
+    return np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
 
 
 def diversity(x: np.ndarray) -> float:
-    distances = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
-    return float(distances[~np.eye(len(x), dtype=bool)].mean())
+    return float(distances(x)[~np.eye(len(x), dtype=bool)].mean())
+
+
+def diversity_gap(a: np.ndarray, b: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Per subset of aligned samples (the same rows of both), a's diversity relative to b's, minus one."""
+    da, db = distances(a), distances(b)
+    m = min(len(a), SUBSET_SIZE)
+    off = ~np.eye(m, dtype=bool)
+    gaps = []
+    for _ in range(SUBSETS):
+        rows = rng.choice(len(a), m, replace=False)
+        gaps.append(da[np.ix_(rows, rows)][off].mean() / db[np.ix_(rows, rows)][off].mean() - 1)
+    return np.asarray(gaps)
 
 
 def real_regions(source: DataSource, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -120,13 +145,19 @@ def category_rows(root: Path, category: str, runs: Path, samples: int, config: H
 
     space = FeatureSpace(config.space).eval()
     space.fit_statistics(encode(space, normals, progress=False))
-    sets = {"real": descriptors(space, *real_regions(source, config.space.image_size)),
-            "generated": descriptors(space, np.stack([d.image for d in defects]), masks),
-            "paste": descriptors(space, pasted, masks),
-            "normal": descriptors(space, starts, masks)}
-    rng = np.random.default_rng(0)
-    rows = {name: {"n": len(x), "kid": kid(x, None if name == "real" else sets["real"], rng), "diversity": diversity(x)}
-            for name, x in sets.items()}
+    real_images, real_masks = real_regions(source, config.space.image_size)
+    real = descriptors(space, real_images, real_masks)
+    aligned = {"generated": descriptors(space, np.stack([d.image for d in defects]), masks),
+               "paste": descriptors(space, pasted, masks),
+               "normal": descriptors(space, starts, masks)}
+    scores = kid(real, aligned, np.random.default_rng(0))
+    area = {"real": float(np.median(real_masks.mean((1, 2)))), **dict.fromkeys(aligned, float(np.median(masks.mean((1, 2)))))}
+    rows = {name: {"n": len(x), "kid": (float(scores[name].mean()), float(scores[name].std())), "diversity": diversity(x),
+                   "area": area[name]} for name, x in {"real": real, **aligned}.items()}
+    gap = scores["generated"] - scores["paste"]
+    rows["generated"]["minus_paste"] = (float(gap.mean()), float(gap.std()), float((gap < 0).mean()))
+    spread = diversity_gap(aligned["generated"], aligned["paste"], np.random.default_rng(0))
+    rows["generated"]["diversity_vs_paste"] = (float(spread.mean()), float(spread.std()), float((spread >= 0).mean()))
     return {"rows": rows, "rejected": rejected, "generate_seconds_per_sample": generate_seconds / len(defects),
             "generate_seconds_per_draw": generate_seconds / (len(defects) + rejected),
             "fit_seconds": fitted if fitted is not None else extra["training"]["train_seconds"],
@@ -150,8 +181,9 @@ def main() -> None:
     command = command_line()
     lines = [f"# Realism of DAGM's pixel defects\n\nProduced by `{command}` (2 CPU cores). KID x 1000 against the "
              f"real test defects (lower is closer; mean ± spread over {SUBSETS} subsets; the real row: two disjoint halves of it, the floor), diversity = mean pairwise "
-             f"distance (standardised Lite0 features of the masked regions; see bench/realism.py).\n",
-             "| category | set | regions | KID x 1000 | diversity |", "|---|---|---|---|---|"]
+             f"distance (standardised Lite0 features of the masked regions; see bench/realism.py), area = the masks' "
+             f"median share of the image.\n",
+             "| category | set | regions | area % | KID x 1000 | diversity |", "|---|---|---|---|---|---|"]
     notes = []
     for category in args.categories.split(","):
         if not category_folder(category, args.root).is_dir():
@@ -159,13 +191,18 @@ def main() -> None:
             continue
         result = category_rows(args.root, category, args.runs, args.samples, config)
         for name, row in result["rows"].items():
-            lines.append(f"| {category} | {name} | {row['n']} | {1000 * row['kid'][0]:.2f} ± {1000 * row['kid'][1]:.2f} "
+            lines.append(f"| {category} | {name} | {row['n']} | {100 * row['area']:.2f} "
+                         f"| {1000 * row['kid'][0]:.2f} ± {1000 * row['kid'][1]:.2f} "
                          f"| {row['diversity']:.2f} |")
         rows = result["rows"]
-        closer = rows["generated"]["kid"][0] < rows["paste"]["kid"][0]
+        gap, spread, share = rows["generated"]["minus_paste"]
+        closer = gap < 0
         diverse = rows["generated"]["diversity"] >= rows["paste"]["diversity"]
-        notes.append(f"- {category}: generated {'closer to' if closer else 'farther from'} real than paste, "
-                     f"{'at no less' if diverse else 'at less'} diversity; generator fitted in "
+        vs = rows["generated"]["diversity_vs_paste"]
+        notes.append(f"- {category}: generated {'closer to' if closer else 'farther from'} real than paste "
+                     f"(paired KID x 1000 difference {1000 * gap:+.2f} ± {1000 * spread:.2f}, closer on {100 * share:.0f}% of "
+                     f"the subsets), {'at no less' if diverse else 'at less'} diversity (paired, by subset: "
+                     f"{100 * vs[0]:+.1f} ± {100 * vs[1]:.1f} %, no less on {100 * vs[2]:.0f}%); generator fitted in "
                      f"{result['fit_seconds']:.0f} s{'' if result['fit_timed_here'] else ' (its own log: fitted earlier)'}, "
                      f"{result['generate_seconds_per_sample']:.2f} s per accepted sample "
                      f"({result['generate_seconds_per_draw']:.2f} s per draw), {result['rejected']} draws rejected by POM")

@@ -13,10 +13,11 @@ import torch
 from click.testing import CliRunner
 from conftest import save, wait_while_running
 from PIL import Image
+from scipy import ndimage
 
 from hdm._cli import main
 from hdm._config import resolve
-from hdm._dagm import crop_box, defect_mask, foreground, regenerate
+from hdm._dagm import blob, crop_box, defect_mask, foreground, regenerate
 from hdm._diffusion import GaussianDiffusion, strided_timesteps
 from hdm._generator import PixelGenerator, from_pixels, make_defects, to_pixels, with_sampling
 from hdm._layouts import DataSource
@@ -61,12 +62,34 @@ def test_default_masks_are_blobs_on_the_part_within_the_window():
     on_part = part[..., 0] > 0
     assert np.array_equal(foreground(part), on_part)
     assert foreground(np.full((64, 64, 3), 90, np.uint8)).all()  # a surface filling the frame is all part
+    grain = np.random.default_rng(0).integers(0, 256, (64, 64, 1)).repeat(3, 2).astype(np.uint8)
+    assert foreground(grain).all()  # and so is a textured one, whose border is no backdrop
     rng = np.random.default_rng(1)
     for _ in range(10):
         mask = defect_mask(part, 24, rng)
         rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
         assert mask.any() and not (mask & ~on_part).any()
         assert rows[-1] - rows[0] < 24 and cols[-1] - cols[0] < 24
+        assert ndimage.label(mask)[1] == 1  # one region, not a cluster of specks
+
+
+def test_a_lit_backdrop_is_not_part():
+    rows = np.arange(64, dtype=np.float32)[:, None, None]
+    scene = np.broadcast_to(120 + 1.5 * rows, (64, 64, 3)).copy()  # lit from below: 120 to 215
+    scene[20:44, 20:44] = (30, 40, 160)  # a blue plate
+    part = np.zeros((64, 64), bool)
+    part[20:44, 20:44] = True
+    assert np.array_equal(foreground(scene.astype(np.uint8)), part)
+
+
+def test_a_blob_is_one_solid_region_inside_its_square():
+    rng = np.random.default_rng(0)
+    for side in (8, 40, 160):
+        for _ in range(20):
+            shape = blob(side, rng)
+            assert shape.shape == (side, side) and shape.any()
+            assert ndimage.label(shape)[1] == 1 and np.array_equal(ndimage.binary_fill_holes(shape), shape)
+            assert not (shape[0].any() or shape[-1].any() or shape[:, 0].any() or shape[:, -1].any())
 
 
 def test_regeneration_changes_only_the_masked_region():

@@ -196,8 +196,10 @@ class GeneratorConfig:
     # small a change); guided, the defect keeps its shape and shading in the surface's own grain, level with
     # pasting or closer on all four categories (bench/results/realism.md, against realism-guide8.md).
     guide: int = 4
-    # Default masks (`_dagm.defect_mask`) are blobs of at most this side (and the image) on the part: real
-    # defects are local, and only the mask's crop is regenerated, which keeps a sample near a second on a CPU.
+    # Default masks (`_dagm.defect_mask`) are single blobs on the part in a square of a quarter of this side to
+    # all of it: median 0.4 % of a 256-px image. Real defects are larger (median 0.6-16 % by category), but a
+    # 160 window took magnetic_tile and brain_flair farther from them (bench/results/realism-window160.md), and
+    # only the mask's crop is regenerated, which keeps a sample under a second on a CPU.
     mask_window: int = 80
     # Band for the mean squared change inside the mask, in the [-1, 1] pixel scale: 0.005 is about
     # 9 grey levels RMS (no visible defect below it), 0.5 about 90 (content that is no longer a surface).

@@ -218,34 +218,76 @@ class DAGM:
         return SyntheticBatch(z, mask, label, source)
 
 
+def backdrop(image: np.ndarray, distance: float) -> tuple[np.ndarray, float]:
+    """(H x W x 3, float): the backdrop's colour at every pixel, a quadratic in the position fitted to the
+    image's border (refitted once without the border pixels farther than `distance` from the first fit: a
+    part that touches the border), and the border's median distance from it. A lit backdrop is brighter on one
+    side: one colour for it marked that side as part."""
+    size_r, size_c = image.shape[:2]
+    rows, cols = np.mgrid[:size_r, :size_c]
+    r, c = rows / size_r - 0.5, cols / size_c - 0.5
+    terms = np.stack([np.ones_like(r), r, c, r * r, r * c, c * c], axis=-1)
+    edge = np.zeros((size_r, size_c), dtype=bool)
+    edge[0], edge[-1], edge[:, 0], edge[:, -1] = True, True, True, True
+    colours, basis = image[edge].astype(np.float64), terms[edge]
+    keep = np.ones(len(colours), dtype=bool)
+    for _ in range(2):
+        fit = np.linalg.lstsq(basis[keep], colours[keep], rcond=None)[0]
+        off = np.linalg.norm(basis @ fit - colours, axis=-1)
+        keep = off <= distance
+        if keep.sum() < basis.shape[1]:
+            break
+    return terms @ fit, float(np.median(off))
+
+
 def foreground(image: np.ndarray, distance: float = 40.0) -> np.ndarray:
-    """Where the object lies: pixels whose colour is farther than `distance` (0-255 RGB) from the median
-    of the image's border, opened to drop specks (a plate on a backdrop, a brain slice on black). The
-    whole image where under 5% differs from the border: a surface that fills the frame."""
-    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]).astype(np.float32)
-    far = np.linalg.norm(image.astype(np.float32) - np.median(border, axis=0), axis=-1) > distance
+    """Where the object lies: pixels whose colour is farther than `distance` (0-255 RGB) from the
+    `backdrop` there, opened to drop specks (a plate on a backdrop, a brain slice on black). The whole
+    image where the border is no smooth backdrop (its median pixel farther than distance / 8 from the fit:
+    a textured surface that fills the frame) or under 5% differs from it."""
+    colour, rough = backdrop(image, distance)
+    if rough > distance / 8:
+        return np.ones(image.shape[:2], dtype=bool)
+    far = np.linalg.norm(image.astype(np.float64) - colour, axis=-1) > distance
     far = ndimage.binary_opening(far, structure=np.ones((3, 3), bool), iterations=2)
     return far if far.mean() > 0.05 else np.ones_like(far)
 
 
+def blob(side: int, rng: np.random.Generator) -> np.ndarray:
+    """One compact region inside a side x side square: an ellipse of random aspect (round to streak-like) and
+    angle whose rim Perlin noise makes irregular, kept to its largest piece with its holes filled."""
+    v, u = (np.mgrid[:side, :side] + 0.5) / side * 2 - 1
+    angle, aspect = rng.uniform(0, np.pi), np.exp(rng.uniform(0.0, 1.5))
+    along, across = u * np.cos(angle) + v * np.sin(angle), v * np.cos(angle) - u * np.sin(angle)
+    radius = along ** 2 + (aspect * across) ** 2  # 1 on an ellipse whose long semi-axis spans half the square
+    # The rim lies where radius = 0.5 + noise <= 0.9: inside the square.
+    field = 1 - radius + rng.uniform(0.15, 0.4) * perlin_2d((side, side), (int(rng.choice([2, 4])),) * 2, rng)
+    region, count = ndimage.label(field > 0.5)
+    if count == 0:
+        return radius < 0.5
+    largest = 1 + int(np.argmax(ndimage.sum_labels(np.ones_like(field), region, range(1, count + 1))))
+    return ndimage.binary_fill_holes(region == largest)
+
+
 def defect_mask(image: np.ndarray, window: int, rng: np.random.Generator, attempts: int = 8) -> np.ndarray:
-    """A compact Perlin blob (1 to 4 lattice cells, threshold 0.3-0.6) in a square of a quarter to all of
-    `window` on a side, centred on a random pixel of the image's foreground and kept to it. Real defects
-    are blobs and streaks on the part: the specks of fine Perlin masks, and masks over the backdrop,
-    were regenerated as normal surface or as blots in the air (contact sheets, bench/realism.py)."""
+    """A `blob` in a square whose side is log-uniform from a quarter of `window` to all of it, centred on a
+    random pixel of the image's foreground and kept to it. Real defects are single regions on the part,
+    from specks to a tenth of the image (MVTec AD's masks span that range): the thresholded Perlin blobs
+    used before were clusters of specks, a tenth of the real defects' area or less (bench/realism.py), and
+    masks over the backdrop were regenerated as blots in the air (contact sheets, bench/realism.py)."""
     size = image.shape[0]
     inside = foreground(image)
     rows, cols = np.nonzero(inside)
     mask = np.zeros_like(inside)
     for _ in range(attempts):
-        side = int(rng.integers(window // 4, window + 1))
-        blob = perlin_mask(side, rng, threshold=float(rng.uniform(0.3, 0.6)), max_scale_power=2)
+        side = max(8, int(round(np.exp(rng.uniform(np.log(window / 4), np.log(window))))))
+        shape = blob(side, rng)
         pick = int(rng.integers(len(rows)))
-        centre_row, centre_col = (int(c.mean()) for c in np.nonzero(blob))
+        centre_row, centre_col = (int(c.mean()) for c in np.nonzero(shape))
         # The blob's centre on the picked pixel, drawn on a canvas padded by `side` so it may overhang.
         canvas = np.zeros((size + 2 * side, size + 2 * side), dtype=bool)
         top, left = rows[pick] - centre_row + side, cols[pick] - centre_col + side
-        canvas[top:top + side, left:left + side] = blob
+        canvas[top:top + side, left:left + side] = shape
         mask = canvas[side:side + size, side:side + size] & inside
         if mask.sum() >= 16:
             break

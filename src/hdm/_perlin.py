@@ -31,14 +31,13 @@ def perlin_2d(shape: tuple[int, int], periods: tuple[int, int], rng: np.random.G
     return np.sqrt(2.0) * (top * (1 - uy) + bottom * uy)
 
 
-def perlin_mask(size: int, rng: np.random.Generator, threshold: float = 0.5,
-                max_scale_power: int = 5, attempts: int = 8) -> np.ndarray:
+def perlin_mask(size: int, rng: np.random.Generator, threshold: float = 0.5, attempts: int = 8) -> np.ndarray:
     """A boolean size x size anomaly mask: thresholded Perlin noise at a random scale and rotation.
 
     Redrawn until non-empty, so every sample asked to be anomalous is.
     """
     for _ in range(attempts):
-        periods = (2 ** int(rng.integers(0, max_scale_power + 1)), 2 ** int(rng.integers(0, max_scale_power + 1)))
+        periods = (2 ** int(rng.integers(0, 6)), 2 ** int(rng.integers(0, 6)))  # 1 to 32 cells a side
         noise = perlin_2d((size, size), periods, rng)
         noise = ndimage.rotate(noise, float(rng.uniform(-90, 90)), reshape=False, order=1, mode="reflect")
         mask = noise > threshold
