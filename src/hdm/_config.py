@@ -193,13 +193,13 @@ class GeneratorConfig:
     # ILVR guide: > 1 keeps the start's content coarser than this many pixels at every step and lets the
     # model draw only the finer detail (`_dagm.regenerate`); 0 regenerates the region freely. Freely, the
     # reverse process redrew most pasted regions on magnetic_tile back into the tile (423 of 490 draws too
-    # small a change); guided, the defect keeps its shape and shading in the surface's own grain, level with
-    # pasting or closer on all four categories (bench/results/realism.md, against realism-guide8.md).
+    # small a change); guided, the defect keeps its shape and shading in the surface's own grain (with Perlin
+    # masks: level with pasting or closer on all four, `git show ef885bf:bench/results/realism.md`).
     guide: int = 4
-    # Default masks (`_dagm.defect_mask`) are single blobs on the part in a square of a quarter of this side to
-    # all of it: median 0.4 % of a 256-px image. Real defects are larger (median 0.6-16 % by category), but a
-    # 160 window took magnetic_tile and brain_flair farther from them (bench/results/realism-window160.md), and
-    # only the mask's crop is regenerated, which keeps a sample under a second on a CPU.
+    # Default masks (`_dagm.defect_mask`) are single blobs on the part in a square of a quarter of this side
+    # to all of it: a median 0.35-0.47 % of the image. Real defects are larger (0.6-16 %, both in
+    # bench/results/realism.md), but a 160 window took magnetic_tile and brain_flair farther from them
+    # (realism-window160.md), and only the mask's crop is regenerated, which keeps a sample under a second.
     mask_window: int = 80
     # Band for the mean squared change inside the mask, in the [-1, 1] pixel scale: 0.005 is about
     # 9 grey levels RMS (no visible defect below it), 0.5 about 90 (content that is no longer a surface).
