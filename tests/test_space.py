@@ -41,8 +41,10 @@ def test_encoding_batch_by_batch_and_normalising_in_place_change_no_value():
     raw = encode(space, images, batch_size=2, progress=False)  # the last batch is short
     with torch.no_grad():
         at_once = space.raw(to_model_input(images))
+    # Equal up to float rounding: the convolutions may pick other kernels for another batch size (2e-5 on
+    # an AMD EPYC on features up to 21); a batch misplaced in the cache differs by whole units.
     for part, whole in zip(raw, at_once):
-        assert part.shape == whole.shape and torch.allclose(part, whole, atol=1e-5)
+        assert part.shape == whole.shape and torch.allclose(part, whole, atol=1e-4)
     space.fit_statistics(raw)
     normalised = encode(space, images, batch_size=2, progress=False, normalised=True)
     before = raw.apply(torch.clone)
