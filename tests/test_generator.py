@@ -357,7 +357,7 @@ def test_a_generator_trained_earlier_draws_with_the_callers_sampling_settings():
     old = PixelGenerator(tiny_config(**{"generator.start": "normal", "generator.tau": 4.0}), grayscale=True)
     torch.nn.init.normal_(old.unet.out.weight, std=0.1)
     now = with_sampling(old, tiny_config().generator)
-    assert now.t_from == 400 and now.config.generator.tau == 0.5 and bool(now.grayscale)
+    assert now.t_from == 400 and now.config.generator.tau == 0.0 and bool(now.grayscale)
     assert old.t_from == 700 and old.config.generator.tau == 4.0  # the stored model is left as it was
     assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), now.state_dict().values()))
     assert with_sampling(now, tiny_config().generator) is now  # the same settings: nothing rebuilt

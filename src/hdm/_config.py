@@ -163,7 +163,9 @@ class GeneratorConfig:
     width: int = 32  # the UNet's first width; its levels have width x mults
     mults: tuple[int, int, int, int] = (1, 2, 2, 4)
     # Trained on random crops of this side (a multiple of 8; at most the image): a CPU trains a category
-    # in minutes. Set it to space.image_size on a GPU to train on whole images.
+    # in minutes. Set it to space.image_size on a GPU to train on whole images. 32-pixel crops for 2400
+    # steps, in the same time, brought brain_flair's defects closer to real ones but not the other three
+    # categories' (bench/results/realism-crop32.md).
     crop_size: int = 64
     steps: int = 800
     batch_size: int = 16
@@ -181,14 +183,16 @@ class GeneratorConfig:
     start: str = "appearance"
     t_appearance: int = 400
     sample_steps: int = 20  # strided reverse steps from the start step to 0
-    # Initial variance inflation of the reverse steps; POM adapts it (at pom.tau_rate), here up to tau_max
-    # only: the noise an inflated pixel step adds stays in the image as grain and speckle, which took the
-    # samples farther from real defects than pasting (4.0, capped at 8: bench/results/realism-tau4.md).
-    tau: float = 0.5
+    # Initial variance inflation of the reverse steps; POM raises it (at pom.tau_rate) while samples come out
+    # too faint for the band below, here up to tau_max only: the noise an inflated pixel step adds stays in the
+    # image as grain and speckle, which took the samples farther from real defects than pasting (4.0, capped
+    # at 8: bench/results/realism-tau4.md). Starting at 0.5 instead of 0 was farther still on brain_flair and
+    # level on the other three (`git show 913b87e:bench/results/realism.md` against bench/results/realism.md).
+    tau: float = 0.0
     tau_max: float = 1.0
-    # Only the steps at or above this fraction of t_start are inflated. There the denoiser turns the extra
-    # noise into coarse structure (blobs, streaks); inflated late steps only left per-pixel colour speckle
-    # that no later step removes (the contact sheets bench/realism.py writes).
+    # Only the steps at or above this fraction of the start step (t_appearance or t_start) are inflated.
+    # There the denoiser turns the extra noise into coarse structure (blobs, streaks); inflated late steps
+    # only left per-pixel colour speckle that no later step removes (the contact sheets bench/realism.py writes).
     inflate_above: float = 0.5
     # ILVR guide: > 1 keeps the start's content coarser than this many pixels at every step and lets the
     # model draw only the finer detail (`_dagm.regenerate`); 0 regenerates the region freely. Freely, the
