@@ -164,8 +164,8 @@ class GeneratorConfig:
     mults: tuple[int, int, int, int] = (1, 2, 2, 4)
     # Trained on random crops of this side (a multiple of 8; at most the image): a CPU trains a category
     # in minutes. Set it to space.image_size on a GPU to train on whole images. 32-pixel crops for 2400
-    # steps, in the same time, brought brain_flair's defects closer to real ones but not the other three
-    # categories', at two fits (bench/results/realism-crop32.md, realism-crop32-seed1.md).
+    # steps, in the same time, brought brain_flair's defects closer to real ones, left bottle's level and took
+    # metal_plate's and magnetic_tile's farther at two fits (bench/results/realism-crop32.md, -seed1.md).
     crop_size: int = 64
     steps: int = 800
     batch_size: int = 16
