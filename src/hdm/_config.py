@@ -198,7 +198,8 @@ class GeneratorConfig:
     # model draw only the finer detail (`_dagm.regenerate`); 0 regenerates the region freely. Freely, the
     # reverse process redrew most pasted regions on magnetic_tile back into the tile (423 of 490 draws too
     # small a change); guided, the defect keeps its shape and shading in the surface's own grain (with Perlin
-    # masks: level with pasting or closer on all four, `git show ef885bf:bench/results/realism.md`).
+    # masks: level with pasting or closer on all four, `git show ef885bf:bench/results/realism.md`). A guide of 2
+    # brought brain_flair's defects nearer real ones, magnetic_tile's behind pasting at two fits (realism-guide2*.md).
     guide: int = 4
     # Default masks (`_dagm.defect_mask`) are single blobs on the part in a square of a quarter of this side
     # to all of it: a median 0.35-0.47 % of the image. Real defects are larger (0.6-16 %, both in
