@@ -2,13 +2,16 @@
 appearance anomalies DAGM used before (shuffled patches, foreign textures, stains, brightness changes).
 
     .venv/bin/python bench/realism.py [--root ../shared/datasets] [--categories bottle,...] [--samples 100]
-                                      [--runs runs/realism] [--set generator.NAME=VALUE ...] [--out bench/results/realism.md]
+                                      [--runs runs/realism] [--masks blobs|real] [--set generator.NAME=VALUE ...]
+                                      [--out bench/results/realism.md]
 
 Per category: a generator is fitted with the default settings (`hdm fit-generator`, timed) into
 RUNS/<category> unless one is there. Then four sets of masked regions:
 - real: every defective test image with its ground-truth mask;
 - generated: --samples defects from the generator at the default settings (`make_defects`: the
-  training normals in turn, blob masks on the part, POM's band);
+  training normals in turn, blob masks on the part, POM's band). With --masks real, each normal gets one
+  of the real defects' own masks instead (shuffled, in turn), so that the masks' size, shape and place
+  match the real regions' and only the content inside them differs;
 - paste: today's appearance anomalies (`appearance_anomaly`) on the same normals inside the same masks,
   so that only the content differs;
 - normal: the same normals and masks untouched, the distance a region has when nothing is changed.
@@ -23,7 +26,8 @@ subsets where generated is closer are reported (the spread of each KID alone is 
 regions, which both share). Diversity: the mean pairwise distance within a set; generated against paste
 also per subset of the same samples, as a relative difference.
 Goal (issue 19): generated closer to real than paste on every category, at no less diversity.
-Each category's contact sheet (source | mask | generated, the first 12) goes to RUNS/<category>/contact_sheet.png.
+Each category's contact sheet (source | mask | generated, the first 12) goes to RUNS/<category>/contact_sheet.png
+(contact_sheet-real-masks.png with --masks real).
 """
 
 from __future__ import annotations
@@ -119,7 +123,7 @@ def real_regions(source: DataSource, size: int) -> tuple[np.ndarray, np.ndarray]
     return np.concatenate(images)[keep], np.stack(masks)[keep]
 
 
-def category_rows(root: Path, category: str, runs: Path, samples: int, config: HDMConfig) -> dict:
+def category_rows(root: Path, category: str, runs: Path, samples: int, config: HDMConfig, with_real_masks: bool) -> dict:
     source = DataSource.detect(category_root(category, root), category)
     run = runs / category
     fitted = None
@@ -131,11 +135,16 @@ def category_rows(root: Path, category: str, runs: Path, samples: int, config: H
     generator = with_sampling(generator, config.generator)  # one fitted earlier draws at this bench's settings
     train = split_data(config, source)[0]
     normals = load_images_resized(train, config.space.image_size)
+    real_images, real_masks = real_regions(source, config.space.image_size)
+    given = None
+    if with_real_masks:
+        order = np.random.default_rng(0).permutation(len(real_masks))
+        given = real_masks[order[np.arange(len(normals)) % len(order)]]
     started = time.perf_counter()
-    defects, rejected = make_defects(generator, normals, samples, seed=0, progress=False)
+    defects, rejected = make_defects(generator, normals, samples, seed=0, masks=given, progress=False)
     generate_seconds = time.perf_counter() - started
     # Made from the data, so written beside the generator and never committed (the data's licences).
-    write_png(run / "contact_sheet.png", contact_sheet(normals, defects))
+    write_png(run / f"contact_sheet{'-real-masks' if with_real_masks else ''}.png", contact_sheet(normals, defects))
     masks = np.stack([d.mask for d in defects])
     starts = normals[[d.source for d in defects]]
     rng = np.random.default_rng(0)
@@ -145,7 +154,6 @@ def category_rows(root: Path, category: str, runs: Path, samples: int, config: H
 
     space = FeatureSpace(config.space).eval()
     space.fit_statistics(encode(space, normals, progress=False))
-    real_images, real_masks = real_regions(source, config.space.image_size)
     real = descriptors(space, real_images, real_masks)
     aligned = {"generated": descriptors(space, np.stack([d.image for d in defects]), masks),
                "paste": descriptors(space, pasted, masks),
@@ -171,6 +179,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--runs", type=Path, default=Path("runs/realism"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/realism.md"))
+    parser.add_argument("--masks", choices=("blobs", "real"), default="blobs",
+                        help="the generated and pasted regions' masks: DAGM's default blobs, or the real defects' own")
     parser.add_argument("--set", action="append", default=[], metavar="generator.NAME=VALUE",
                         help="a sampling setting other than the default (as `hdm generate`'s run would hold it)")
     args = parser.parse_args()
@@ -189,7 +199,7 @@ def main() -> None:
         if not category_folder(category, args.root).is_dir():
             notes.append(f"- {category}: skipped, no data at {category_folder(category, args.root)}")
             continue
-        result = category_rows(args.root, category, args.runs, args.samples, config)
+        result = category_rows(args.root, category, args.runs, args.samples, config, args.masks == "real")
         for name, row in result["rows"].items():
             lines.append(f"| {category} | {name} | {row['n']} | {100 * row['area']:.2f} "
                          f"| {1000 * row['kid'][0]:.2f} ± {1000 * row['kid'][1]:.2f} "
