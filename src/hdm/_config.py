@@ -172,8 +172,9 @@ class GeneratorConfig:
     lr: float = 5e-4
     ema_decay: float = 0.995
     checkpoint_every: int = 50
-    # How far a masked region is noised before it is regenerated; the generator trains on timesteps up to
-    # here only, the only ones it is asked about.
+    # The generator trains on timesteps up to here, where start="normal" begins (the appearance start begins at
+    # t_appearance). Training only up to 400, the default start's steps, was not closer to real defects at two
+    # fits, nor with lr 1e-3 (bench/results/realism-t400-*.md): it moved the gap from surface to surface.
     t_start: int = 700
     # What the masked region holds before it is noised. "appearance": one of DAGM's appearance anomalies
     # (patches, texture, stain, brightness), noised to t_appearance only, so the reverse process redraws

@@ -173,7 +173,7 @@ def fit_generator(config: HDMConfig, paths: list[Path], progress: bool = True, l
                   checkpoint: Callable[[dict], None] | None = None, resume_from: dict | None = None,
                   device: torch.device = torch.device("cpu")) -> tuple[PixelGenerator, GeneratorLog]:
     """Train the pixel diffusion model on crops of the normal images at the detector's size, on `device`, at the
-    timesteps generation uses (0 to generator.t_start).
+    timesteps 0 to generator.t_start.
 
     Every `generator.checkpoint_every` steps `checkpoint` gets the whole training state; `resume_from`
     (such a state) continues it to the same model as an uninterrupted run.
